@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv and install the project on first use (scripts/install.sh picks the torch build).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.orion-installed
+
+.PHONY: demo test test-all lint bench install clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/orion demo --preset micro --out runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/losses.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

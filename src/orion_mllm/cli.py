@@ -1,0 +1,127 @@
+"""The ``orion`` command: one subcommand per job.
+
+    orion demo  [--preset micro] [--out runs/demo] [--steps 60]   build, train 3 losses, save, reload
+    orion build --preset tiny --out DIR [--head mlp]              write a random-init ORION model dir
+    orion build --from-qwen QWEN_DIR --out DIR [--head mlp]       wrap a local Qwen2.5-VL with a new head
+    orion info  DIR                                               describe a model directory
+    orion presets                                                 list architecture presets
+
+Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from orion_mllm import __version__
+from orion_mllm.config import PRESETS
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    for name, p in PRESETS.items():
+        t = p.text
+        print(
+            f"{name:15s} hidden={t.hidden_size:<5d} layers={t.num_hidden_layers:<3d} "
+            f"gen={p.gen_image_size}px/{p.gen_num_tokens} tokens  und=[{p.und_min_long_side},{p.und_max_long_side}]  "
+            f"{p.description}"
+        )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from orion_mllm.demo import run_demo
+
+    summary = run_demo(preset=args.preset, out=args.out, steps=args.steps, seed=args.seed)
+    before, after = summary["loss_before"], summary["loss_after"]
+    print(
+        f"\n{summary['preset']}: {summary['parameters']:,} parameters, {summary['conversations']} conversations, "
+        f"{summary['steps']} steps in {summary['wall_seconds']} s"
+    )
+    for key in ("ce", "mse", "kl"):
+        print(f"  {key:4s} {before[key]:.4g} -> {after[key]:.4g}")
+    print(f"  saved to {summary['model_dir']} and reloaded identically: {summary['reload_identical']}")
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from orion_mllm.model.orion import OrionModel
+
+    if bool(args.preset) == bool(args.from_qwen):
+        raise ValueError("give exactly one of --preset NAME or --from-qwen DIR")
+    if args.preset:
+        model = OrionModel.from_preset(args.preset, head=args.head, mlp_ratio=args.mlp_ratio, seed=args.seed)
+    else:
+        model = OrionModel.from_qwen(args.from_qwen, head=args.head, mlp_ratio=args.mlp_ratio, seed=args.seed)
+    path = model.save_pretrained(args.out)
+    print(f"wrote {path} ({sum(p.numel() for p in model.parameters()):,} parameters, head={args.head})")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from orion_mllm.model.orion import OrionModel
+
+    model = OrionModel.from_pretrained(args.model_dir)
+    text = model.backbone.config.text_config
+    info = {
+        "model_dir": args.model_dir,
+        "orion_config": model.config.to_dict(),
+        "llm": {"hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "vocab_size": text.vocab_size},
+        "parameters": {
+            "total": sum(p.numel() for p in model.parameters()),
+            "vision_head": sum(p.numel() for p in model.vision_head.parameters()),
+            "vision_tower": sum(p.numel() for p in model.backbone.model.visual.parameters()),
+        },
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orion", description="ORION unified multimodal models on Qwen2.5-VL.")
+    parser.add_argument("--version", action="version", version=f"orion-mllm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build a small model, train the three ORION losses, save and reload it")
+    p.add_argument("--preset", default="micro", choices=["micro", "tiny"], help="architecture preset (default: micro)")
+    p.add_argument("--out", default="runs/demo", help="where to save the trained model (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("build", help="write an ORION model directory (random preset or local Qwen2.5-VL + new head)")
+    p.add_argument("--preset", choices=list(PRESETS), help="random-init architecture preset")
+    p.add_argument("--from-qwen", metavar="DIR", help="local Qwen2.5-VL Hugging Face directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--head", default="mlp", choices=["linear", "mlp", "qformer", "layer_mix"])
+    p.add_argument("--mlp-ratio", type=int, default=8, help="MLP head hidden multiplier (default: 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("info", help="describe an ORION model directory")
+    p.add_argument("model_dir")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("presets", help="list architecture presets")
+    p.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"orion {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The ORION model: a Qwen2.5-VL backbone, a vision head, and the three-loss training forward.
+
+``OrionModel`` owns
+- ``backbone``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (vision tower + merger frozen:
+  its outputs are both the teacher-forced inputs and the regression targets, so they must not move);
+- ``vision_head``: regresses the next visual token from the final hidden state (``heads.py``);
+- ``processor``: the Qwen2.5-VL processor (tokenizer, image processor, chat template);
+- ``config``: an ``OrionConfig`` saved as ``orion_config.json`` next to the backbone.
+
+The forward computes, from one pass of the LLM over a teacher-forced batch:
+CE at text targets, MSE at visual positions, and KL(teacher || student) at the visual positions
+against a frozen copy of the base model (``make_teacher``) run on the same inputs. Logits are only
+ever formed for the gathered positions, chunk by chunk (``orion_mllm.losses``).
+
+Model code is single-device; parallelism is applied from outside (training engine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from orion_mllm.config import get_preset
+from orion_mllm.images import ImageSpec
+from orion_mllm.losses import (
+    LossTerms,
+    LossWeights,
+    cross_entropy_loss,
+    frozen_copy,
+    kl_divergence_loss,
+    mse_loss,
+)
+from orion_mllm.model.backbone import (
+    build_backbone,
+    encode_images,
+    load_backbone,
+    save_processor,
+)
+from orion_mllm.model.heads import HeadConfig, VisionHead, build_vision_head
+from orion_mllm.sequence import IGNORE_INDEX, Batch, SequenceBuilder
+
+ORION_CONFIG_NAME = "orion_config.json"
+HEAD_WEIGHTS_NAME = "vision_head.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class OrionConfig:
+    """What makes an ORION checkpoint more than a Qwen2.5-VL checkpoint."""
+
+    head: HeadConfig
+    image_spec: ImageSpec
+    preset: str | None = None  # the architecture preset it was built from, if any
+    base_model: str | None = None  # where the backbone came from (preset name or directory)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "preset": self.preset,
+            "base_model": self.base_model,
+            "head": self.head.to_dict(),
+            "image_spec": self.image_spec.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = ORION_CONFIG_NAME) -> OrionConfig:
+        known = {"format_version", "preset", "base_model", "head", "image_spec"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        for key in ("head", "image_spec"):
+            if key not in data:
+                raise ValueError(f"{where}: missing key {key!r}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{where}: format_version {version} is newer than this orion-mllm ({FORMAT_VERSION})")
+        return cls(
+            head=HeadConfig.from_dict(data["head"]),
+            image_spec=ImageSpec.from_dict(data["image_spec"]),
+            preset=data.get("preset"),
+            base_model=data.get("base_model"),
+            format_version=version,
+        )
+
+
+@dataclass
+class OrionOutput:
+    loss: torch.Tensor
+    terms: LossTerms
+    num_text_targets: int = 0
+    num_visual_targets: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def image_spec_from_processor(processor) -> ImageSpec:
+    """Default resolutions for a plain Qwen2.5-VL directory: the paper's 252 px generation grid."""
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    return ImageSpec(
+        patch_size=ip.patch_size,
+        merge_size=ip.merge_size,
+        gen_image_size=9 * factor,  # 252 px at patch 14 -> 9x9 = 81 visual tokens
+        und_min_long_side=2 * factor,  # 56
+        und_max_long_side=1024 // factor * factor,  # 1008: the largest multiple of 28 under 1024
+    )
+
+
+def backbone_hidden_states(
+    backbone: Qwen2_5_VLForConditionalGeneration,
+    batch: Batch,
+    visual_tokens: torch.Tensor | None,
+    *,
+    all_layers: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Final hidden states [B, S, d] (and every layer's, if asked) for a teacher-forced batch.
+
+    Visual tokens are written at the ``<|image_pad|>`` positions, exactly as Qwen2.5-VL's own
+    forward does with its vision features, so understanding goes through the same numbers.
+    """
+    lm = backbone.model.language_model
+    embeds = lm.embed_tokens(batch.input_ids)
+    if visual_tokens is not None:
+        mask = (batch.input_ids == backbone.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, visual_tokens.to(embeds.dtype))
+    # A batch without padding needs no mask: the text row of position_ids already tells
+    # transformers where each sample starts (it builds the causal / packed mask from it).
+    attention_mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+    out = lm(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        output_hidden_states=all_layers,
+    )
+    return out.last_hidden_state, (tuple(out.hidden_states) if all_layers else None)
+
+
+def make_teacher(model: OrionModel) -> Qwen2_5_VLForConditionalGeneration:
+    """A frozen, independent copy of the current backbone, for the KL consistency loss.
+
+    Built *before* ORION training starts, so it stays the base model. The vision tower is dropped:
+    the student's frozen tower already provides the visual tokens both models read.
+    """
+    visual = model.backbone.model.visual
+    model.backbone.model.visual = None  # don't deep-copy what the teacher never runs
+    try:
+        teacher = frozen_copy(model.backbone)
+    finally:
+        model.backbone.model.visual = visual
+    return teacher
+
+
+class OrionModel(nn.Module):
+    """Qwen2.5-VL + vision head, with ORION's losses."""
+
+    def __init__(
+        self,
+        backbone: Qwen2_5_VLForConditionalGeneration,
+        vision_head: VisionHead,
+        processor,
+        config: OrionConfig,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.vision_head = vision_head
+        self.processor = processor
+        self.config = config
+        self.set_vision_tower_trainable(False)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        *,
+        head: str = "mlp",
+        mlp_ratio: int = 8,
+        seed: int = 0,
+        attn_implementation: str = "sdpa",
+        dtype: torch.dtype = torch.float32,
+    ) -> OrionModel:
+        """Random-init model of a named architecture (``micro``, ``tiny``, ``qwen2.5-vl-3b/7b``)."""
+        preset = get_preset(name)
+        backbone, processor = build_backbone(preset, attn_implementation=attn_implementation, seed=seed, dtype=dtype)
+        config = OrionConfig(
+            head=_head_config(backbone, head, mlp_ratio),
+            image_spec=preset.image_spec,
+            preset=name,
+            base_model=f"preset:{name}",
+        )
+        torch.manual_seed(seed + 1)
+        vision_head = build_vision_head(config.head).to(dtype)
+        return cls(backbone, vision_head, processor, config)
+
+    @classmethod
+    def from_qwen(
+        cls,
+        path: str | Path,
+        *,
+        head: str = "mlp",
+        mlp_ratio: int = 8,
+        seed: int = 0,
+        attn_implementation: str = "sdpa",
+        dtype: torch.dtype = torch.float32,
+        image_spec: ImageSpec | None = None,
+    ) -> OrionModel:
+        """Wrap a local Qwen2.5-VL Hugging Face directory with a freshly initialised vision head."""
+        backbone, processor = load_backbone(path, attn_implementation=attn_implementation, dtype=dtype)
+        config = OrionConfig(
+            head=_head_config(backbone, head, mlp_ratio),
+            image_spec=image_spec or image_spec_from_processor(processor),
+            base_model=str(path),
+        )
+        torch.manual_seed(seed)
+        vision_head = build_vision_head(config.head).to(dtype)
+        return cls(backbone, vision_head, processor, config)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    ) -> OrionModel:
+        """Load a directory written by ``save_pretrained``."""
+        path = Path(path)
+        config_file = path / ORION_CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{path} is not an ORION model directory ({ORION_CONFIG_NAME} missing); "
+                "use OrionModel.from_qwen for a plain Qwen2.5-VL directory"
+            )
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+        config = OrionConfig.from_dict(raw, where=str(config_file))
+        backbone, processor = load_backbone(path, attn_implementation=attn_implementation, dtype=dtype)
+        vision_head = build_vision_head(config.head)
+        state = load_file(path / HEAD_WEIGHTS_NAME)
+        vision_head.load_state_dict(state, strict=True)
+        return cls(backbone, vision_head.to(dtype), processor, config)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write backbone (HF format), processor, head weights and ``orion_config.json`` (safetensors only).
+
+        Written to a temporary sibling directory first and swapped in at the end, so an interrupted
+        save never leaves a half-written model where a good one was.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.backbone.save_pretrained(tmp, safe_serialization=True)
+        save_processor(self.processor, tmp)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.vision_head.state_dict().items()}
+        save_file(state, tmp / HEAD_WEIGHTS_NAME)
+        (tmp / ORION_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.text_config.hidden_size
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.backbone.lm_head.weight
+
+    def sequence_builder(self, **kwargs: Any) -> SequenceBuilder:
+        return SequenceBuilder(self.processor, self.config.image_spec, **kwargs)
+
+    def set_vision_tower_trainable(self, trainable: bool) -> None:
+        """Vision tower + merger are frozen in every ORION stage (stage 0 base training may unfreeze)."""
+        self.backbone.model.visual.requires_grad_(trainable)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Visual tokens from the frozen vision tower + merger (no gradient)."""
+        return encode_images(self.backbone, pixel_values, image_grid_thw)
+
+    def batch_visual_tokens(self, batch: Batch) -> torch.Tensor | None:
+        if batch.visual_tokens is not None:
+            return batch.visual_tokens
+        if batch.pixel_values is None:
+            return None
+        return self.encode_images(batch.pixel_values, batch.image_grid_thw)
+
+    def predict_visual_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision head on final hidden states [..., d] (or all layers' [L+1, ..., d] for layer_mix)."""
+        return self.vision_head(hidden)
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Full-vocabulary logits [B, S, V] (understanding / parity checks; not used in training)."""
+        hidden, _ = backbone_hidden_states(self.backbone, batch, self.batch_visual_tokens(batch))
+        return self.backbone.lm_head(hidden)
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(
+        self,
+        batch: Batch,
+        weights: LossWeights,
+        teacher: Qwen2_5_VLForConditionalGeneration | None = None,
+        *,
+        chunk_size: int = 1024,
+    ) -> OrionOutput:
+        """One teacher-forced pass; returns the weighted loss and each term (terms with weight 0 are skipped)."""
+        if weights.kl > 0 and teacher is None:
+            raise ValueError("KL weight > 0 needs a teacher: build one with make_teacher(model) before training")
+        visual_tokens = self.batch_visual_tokens(batch)
+        head_needs_layers = self.vision_head.needs_all_layers
+        # Stage 1 trains the head only: then the LLM pass needs no graph at all.
+        llm_trainable = any(p.requires_grad for p in self.backbone.model.language_model.parameters()) or any(
+            p.requires_grad for p in self.backbone.lm_head.parameters()
+        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and llm_trainable):
+            hidden, layers = backbone_hidden_states(
+                self.backbone, batch, visual_tokens, all_layers=head_needs_layers and weights.mse > 0
+            )
+
+        rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
+        terms = LossTerms()
+        visual_hidden = hidden[rows, cols]
+        if weights.mse > 0:
+            head_input = torch.stack([h[rows, cols] for h in layers]) if head_needs_layers else visual_hidden
+            terms.mse = mse_loss(self.vision_head(head_input), visual_tokens[batch.visual_target_index])
+        num_text = 0
+        if weights.ce > 0:
+            # labels are unshifted: the hidden at t predicts labels[t + 1].
+            shifted = batch.labels[:, 1:]
+            b_idx, t_idx = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+            num_text = int(b_idx.numel())
+            terms.ce = cross_entropy_loss(
+                hidden[b_idx, t_idx], self.lm_head_weight, shifted[b_idx, t_idx], chunk_size=chunk_size
+            )
+        if weights.kl > 0:
+            with torch.no_grad():
+                teacher_hidden, _ = backbone_hidden_states(teacher, batch, visual_tokens)
+            terms.kl = kl_divergence_loss(
+                visual_hidden,
+                self.lm_head_weight,
+                teacher_hidden[rows, cols],
+                teacher.lm_head.weight,
+                chunk_size=chunk_size,
+            )
+        return OrionOutput(
+            loss=terms.total(weights),
+            terms=terms,
+            num_text_targets=num_text,
+            num_visual_targets=int(rows.numel()),
+        )
+
+
+def _head_config(backbone: Qwen2_5_VLForConditionalGeneration, head: str, mlp_ratio: int) -> HeadConfig:
+    text = backbone.config.text_config
+    return HeadConfig(
+        name=head,
+        hidden_size=text.hidden_size,
+        mlp_ratio=mlp_ratio,
+        num_hidden_states=text.num_hidden_layers + 1 if head == "layer_mix" else None,
+    )

@@ -1,0 +1,470 @@
+"""Conversation -> model inputs: token ids, embedding plan, labels, visual targets, M-RoPE positions.
+
+A conversation is a list of turns (system / user / assistant) whose content interleaves text and
+images. An image in a **user** turn is an input (understanding resolution); an image in an
+**assistant** turn is a generation target (the fixed generation grid). Both are written as
+``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>`` inside Qwen2.5-VL's chat
+template, and training is teacher-forced: every ``<|image_pad|>`` gets its ground-truth visual
+token as input embedding.
+
+What a training step needs, per conversation (``EncodedConversation``):
+
+- ``input_ids`` [S] and ``labels`` [S] (Hugging Face convention, unshifted: ``labels[t]`` is the
+  token the hidden state at t-1 must predict; -100 elsewhere). Supervised: assistant text, the
+  ``<|vision_start|>`` / ``<|vision_end|>`` around a generated image, and the assistant's
+  ``<|im_end|>``. Never user/system text, never ``<|image_pad|>``.
+- ``visual_positions`` [K]: positions whose hidden state regresses a visual token: for each target
+  image, the ``<|vision_start|>`` position (predicts v_1) and the first N-1 pads (v_j predicts
+  v_{j+1}). ``visual_target_index`` [K] indexes the flat list of the conversation's visual tokens.
+- ``position_ids`` [4, S]: row 0 = plain text positions (transformers uses it to keep packed
+  samples apart), rows 1-3 = M-RoPE (temporal, height, width) per Qwen2.5-VL's rope-index rules.
+- ``pixel_values`` / ``image_grid_thw`` / ``image_is_target``: the images, processed by the
+  Qwen2.5-VL image processor, in order of appearance.
+
+Accepted record shapes: a list of ``{"role", "content"}`` messages (content a string or a list of
+``{"type": "text"|"image"}`` parts), ``{"messages": [...], "images": [...]}`` (ms-swift) and
+``{"conversations": [{"from", "value"}], "image"|"images": ...}`` (LLaVA). In string content,
+``<image>`` marks where the next image of the record's image list goes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from orion_mllm.images import (
+    ImageLike,
+    ImageSpec,
+    load_image,
+    resize_for_generation,
+    resize_for_understanding,
+)
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+
+
+class ConversationError(ValueError):
+    """A record that cannot be turned into model inputs; the message names the record and the problem."""
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    image: ImageLike
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    parts: tuple[TextPart | ImagePart, ...]
+
+
+@dataclass
+class EncodedConversation:
+    """Model inputs for one conversation (see the module docstring for every field's meaning)."""
+
+    input_ids: torch.Tensor  # [S] long
+    labels: torch.Tensor  # [S] long, IGNORE_INDEX where unsupervised
+    position_ids: torch.Tensor  # [4, S] long: text row + M-RoPE (t, h, w)
+    mm_token_type_ids: torch.Tensor  # [S] int: 1 at <|image_pad|>, 0 elsewhere
+    pixel_values: torch.Tensor | None  # [sum patches, C*T*P*P]
+    image_grid_thw: torch.Tensor | None  # [num_images, 3] long
+    image_is_target: torch.Tensor  # [num_images] bool: assistant-turn (generated) image
+    image_num_tokens: torch.Tensor  # [num_images] long: visual tokens per image
+    visual_positions: torch.Tensor  # [K] long
+    visual_target_index: torch.Tensor  # [K] long, into the flat visual-token list
+    rope_delta: int  # max M-RoPE position + 1 - S (what generation continues from)
+    record_id: str = ""
+    visual_tokens: torch.Tensor | None = None  # [sum tokens, d] once attached (teacher forcing inputs)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def visual_targets(self) -> torch.Tensor:
+        """The ground-truth next visual token for every visual position: [K, d]."""
+        if self.visual_tokens is None:
+            raise RuntimeError("visual tokens not attached yet: call attach_visual_tokens first")
+        return self.visual_tokens[self.visual_target_index]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+# ----------------------------------------------------------------------------- record parsing
+
+
+def _parts_from_string(text: str, images: list[ImageLike], cursor: list[int]) -> list[TextPart | ImagePart]:
+    """Split ``<image>`` placeholders out of a string, taking images from the record's list in order."""
+    parts: list[TextPart | ImagePart] = []
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for i, piece in enumerate(pieces):
+        if piece:
+            parts.append(TextPart(piece))
+        if i < len(pieces) - 1:
+            index = cursor[0]
+            cursor[0] += 1
+            parts.append(ImagePart(images[index]) if index < len(images) else ImagePart(_MISSING))
+    return parts
+
+
+_MISSING = object()  # placeholder for "<image> without an image"; counted and reported below
+
+
+def _parts_from_list(content: list[Any], where: str) -> list[TextPart | ImagePart]:
+    parts: list[TextPart | ImagePart] = []
+    for j, item in enumerate(content):
+        if not isinstance(item, dict):
+            raise ConversationError(f"{where}: content[{j}] must be a dict, got {type(item).__name__}")
+        kind = item.get("type")
+        if kind == "text" or (kind is None and "text" in item):
+            parts.append(TextPart(str(item.get("text", ""))))
+        elif kind == "image" or (kind is None and "image" in item):
+            if item.get("image") is None:
+                raise ConversationError(f"{where}: content[{j}] is an image part without an 'image' value")
+            parts.append(ImagePart(item["image"]))
+        else:
+            raise ConversationError(f"{where}: content[{j}] has unsupported type {kind!r} (use 'text' or 'image')")
+    return parts
+
+
+def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
+    """Normalise any accepted record shape into ``Message`` objects, checking roles and images."""
+    where = f"record {record_id}" if record_id else "conversation"
+    images: list[ImageLike] = []
+    if isinstance(record, dict):
+        if "conversations" in record:
+            raw = [{"role": m.get("from"), "content": m.get("value")} for m in record["conversations"]]
+        elif "messages" in record:
+            raw = list(record["messages"])
+        else:
+            raise ConversationError(f"{where}: expected a 'messages' or 'conversations' field")
+        found = record.get("images", record.get("image", []))
+        images = [found] if isinstance(found, (str, bytes)) or not isinstance(found, Sequence) else list(found)
+    elif isinstance(record, Sequence):
+        raw = list(record)
+    else:
+        raise ConversationError(f"{where}: expected a list of messages or a dict, got {type(record).__name__}")
+    if not raw:
+        raise ConversationError(f"{where}: no messages")
+
+    cursor = [0]
+    messages = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict):
+            raise ConversationError(f"{where}: message {i} must be a dict, got {type(msg).__name__}")
+        role = ROLE_ALIASES.get(str(msg.get("role")))
+        if role is None:
+            raise ConversationError(
+                f"{where}: message {i} has unknown role {msg.get('role')!r}; expected one of {sorted(ROLE_ALIASES)}"
+            )
+        content = msg.get("content")
+        if isinstance(content, str):
+            parts = _parts_from_string(content, images, cursor)
+        elif isinstance(content, list):
+            parts = _parts_from_list(content, f"{where}, message {i}")
+        else:
+            raise ConversationError(f"{where}: message {i} content must be a string or a list of parts")
+        if role == "system" and any(isinstance(p, ImagePart) for p in parts):
+            raise ConversationError(f"{where}: message {i}: images are not allowed in system turns")
+        if role == "system" and i != 0:
+            raise ConversationError(f"{where}: message {i}: a system turn may only come first")
+        messages.append(Message(role, tuple(parts)))
+
+    placeholders = cursor[0]
+    if placeholders != len(images):
+        raise ConversationError(
+            f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s) given"
+        )
+    if not any(m.role == "assistant" for m in messages):
+        # Prompts for generation are fine (see add_generation_prompt); training records need a target.
+        pass
+    return messages
+
+
+# ----------------------------------------------------------------------------- rope index
+
+
+def mrope_positions(
+    mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, spatial_merge_size: int, start: int = 0
+) -> torch.Tensor:
+    """M-RoPE (t, h, w) positions [3, S] by Qwen2.5-VL's rope-index rules, for still images.
+
+    Text advances all three rows by one per token. An image of merged grid (t, h', w') starting at
+    position p gets (p + t_idx, p + h_idx, p + w_idx) in row-major order, and the text after it
+    continues at p + max(h', w') (transformers' ``get_rope_index``; tested for equality).
+    """
+    types = mm_token_type_ids.tolist()
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    chunks: list[torch.Tensor] = []
+    pos, i, n = start, 0, len(types)
+    while i < n:
+        j = i
+        while j < n and types[j] == types[i]:
+            j += 1
+        if types[i] == 0:
+            chunks.append(torch.arange(pos, pos + j - i).expand(3, -1))
+            pos += j - i
+            i = j
+            continue
+        # One image per grid; consecutive images would share a run of 1s, so consume by size.
+        while i < j:
+            t, h, w = next(grids)
+            hh, ww = h // spatial_merge_size, w // spatial_merge_size
+            tt = torch.arange(t).view(-1, 1, 1).expand(t, hh, ww)
+            yy = torch.arange(hh).view(1, -1, 1).expand(t, hh, ww)
+            xx = torch.arange(ww).view(1, 1, -1).expand(t, hh, ww)
+            chunks.append(torch.stack([tt, yy, xx]).reshape(3, -1) + pos)
+            pos += max(hh, ww)
+            i += t * hh * ww
+    if not chunks:
+        return torch.zeros(3, 0, dtype=torch.long)
+    return torch.cat(chunks, dim=1).long()
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class SequenceBuilder:
+    """Turns conversations into ``EncodedConversation`` with a Qwen2.5-VL processor's parts."""
+
+    def __init__(self, processor, image_spec: ImageSpec, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.spec = image_spec
+        self.system_prompt = system_prompt
+        self.merge = int(self.image_processor.merge_size)
+        tok = self.tokenizer
+        self.image_pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.vision_start_id = tok.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
+        self.im_end_id = tok.convert_tokens_to_ids("<|im_end|>")
+
+    # -- images
+
+    def _process_images(
+        self, images: list[tuple[ImageLike, bool]], where: str
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not images:
+            return None, None
+        prepared = []
+        for k, (image, is_target) in enumerate(images):
+            if image is _MISSING:
+                raise ConversationError(f"{where}: image placeholder {k} has no image")
+            img = load_image(image, where=f"{where}, image {k}")
+            prepared.append(resize_for_generation(img, self.spec) if is_target else resize_for_understanding(img, self.spec))
+        out = self.image_processor(images=prepared, return_tensors="pt")
+        grid = out["image_grid_thw"].long()
+        for k, ((_, is_target), g) in enumerate(zip(images, grid.tolist(), strict=True)):
+            if is_target and tuple(g) != self.spec.gen_grid_thw:
+                raise ConversationError(
+                    f"{where}: generated image {k} got grid {g}, expected {self.spec.gen_grid_thw}: "
+                    "the image processor resized it; check its min/max pixels"
+                )
+        return out["pixel_values"], grid
+
+    # -- text
+
+    def encode(
+        self, conversation: Any, record_id: str = "", *, add_generation_prompt: bool = False
+    ) -> EncodedConversation:
+        """Encode one record. ``add_generation_prompt`` appends an open assistant turn (inference)."""
+        where = f"record {record_id}" if record_id else "conversation"
+        messages = parse_conversation(conversation, record_id)
+        images = [
+            (p.image, m.role == "assistant") for m in messages for p in m.parts if isinstance(p, ImagePart)
+        ]
+        pixel_values, grid = self._process_images(images, where)
+        tokens_per_image = [] if grid is None else (grid.prod(-1) // (self.merge**2)).tolist()
+
+        # Render the chat template by hand, remembering which character spans are supervised.
+        # (tests/test_sequence.py checks the text equals tokenizer.apply_chat_template's.)
+        segments: list[tuple[str, bool]] = []
+        if messages[0].role != "system":
+            segments.append((f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n", False))
+        image_k = 0
+        for msg in messages:
+            target = msg.role == "assistant"
+            segments.append((f"<|im_start|>{msg.role}\n", False))
+            for part in msg.parts:
+                if isinstance(part, TextPart):
+                    segments.append((part.text, target))
+                else:
+                    n_tok = tokens_per_image[image_k]
+                    image_k += 1
+                    segments.append(("<|vision_start|>", target))
+                    segments.append(("<|image_pad|>" * n_tok, False))
+                    segments.append(("<|vision_end|>", target))
+            segments.append(("<|im_end|>", target))
+            segments.append(("\n", False))
+        if add_generation_prompt:
+            segments.append(("<|im_start|>assistant\n", False))
+
+        text = "".join(s for s, _ in segments)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        starts, spans, pos = [], [], 0
+        for seg, supervised in segments:
+            if supervised and seg:
+                starts.append(pos)
+                spans.append((pos, pos + len(seg)))
+            pos += len(seg)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for t, (a, b) in enumerate(enc["offset_mapping"]):
+            k = bisect.bisect_right(starts, a) - 1  # the last supervised span starting at or before a
+            inside = k >= 0 and a < spans[k][1]
+            # A token that merged across a span start (e.g. leading whitespace) still overlaps it.
+            overlaps_next = k + 1 < len(spans) and spans[k + 1][0] < b
+            if inside or overlaps_next:
+                labels[t] = input_ids[t]
+        labels[input_ids == self.image_pad_id] = IGNORE_INDEX
+
+        mm_types = (input_ids == self.image_pad_id).int()
+        n_pad = int(mm_types.sum())
+        if n_pad != sum(tokens_per_image):
+            raise ConversationError(
+                f"{where}: found {n_pad} <|image_pad|> tokens but the images need {sum(tokens_per_image)}; "
+                "remove literal special tokens from the text"
+            )
+        rope = mrope_positions(mm_types, grid, self.merge)
+        seq_len = input_ids.numel()
+        position_ids = torch.cat([torch.arange(seq_len).view(1, -1), rope], dim=0)
+        rope_delta = int(rope.max()) + 1 - seq_len if seq_len else 0
+
+        visual_positions, visual_index = self._visual_targets(input_ids, images, tokens_per_image)
+        return EncodedConversation(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            mm_token_type_ids=mm_types,
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            image_is_target=torch.tensor([t for _, t in images], dtype=torch.bool),
+            image_num_tokens=torch.tensor(tokens_per_image, dtype=torch.long),
+            visual_positions=visual_positions,
+            visual_target_index=visual_index,
+            rope_delta=rope_delta,
+            record_id=record_id,
+        )
+
+    def _visual_targets(
+        self, input_ids: torch.Tensor, images: list[tuple[Any, bool]], tokens_per_image: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions that regress a visual token and the flat index of the token each one predicts."""
+        pad_positions = (input_ids == self.image_pad_id).nonzero().flatten()
+        positions, index = [], []
+        offset = 0
+        for (_, is_target), n_tok in zip(images, tokens_per_image, strict=True):
+            if is_target:
+                first = int(pad_positions[offset])
+                # The hidden at <|vision_start|> (first - 1) predicts v_1; the hidden at v_j predicts v_{j+1}.
+                positions.append(torch.arange(first - 1, first - 1 + n_tok))
+                index.append(torch.arange(offset, offset + n_tok))
+            offset += n_tok
+        if not positions:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(positions), torch.cat(index)
+
+
+def attach_visual_tokens(
+    encoded: EncodedConversation, encode_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> EncodedConversation:
+    """Run the frozen visual encoder once and keep its tokens: the teacher-forcing inputs and targets."""
+    if encoded.pixel_values is None:
+        return replace(encoded, visual_tokens=None)
+    tokens = encode_fn(encoded.pixel_values, encoded.image_grid_thw)
+    expected = int(encoded.image_num_tokens.sum())
+    if tokens.shape[0] != expected:
+        raise ValueError(f"visual encoder returned {tokens.shape[0]} tokens, expected {expected}")
+    return replace(encoded, visual_tokens=tokens)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    """Right-padded conversations ready for ``OrionModel``; visual lists are concatenated in order."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [4, B, S]
+    visual_tokens: torch.Tensor | None  # [sum tokens, d]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    visual_positions: torch.Tensor  # [K, 2] (row, position)
+    visual_target_index: torch.Tensor  # [K] into visual_tokens
+    mm_token_type_ids: torch.Tensor  # [B, S]
+
+    @property
+    def visual_targets(self) -> torch.Tensor:
+        if self.visual_tokens is None:
+            raise RuntimeError("batch has no visual tokens attached")
+        return self.visual_tokens[self.visual_target_index]
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
+        return Batch(**moved)
+
+
+def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
+    """Right-pad a list of encoded conversations into one batch."""
+    if not items:
+        raise ValueError("collate needs at least one conversation")
+    width = max(len(x) for x in items)
+    bsz = len(items)
+    input_ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((bsz, width), dtype=torch.long)
+    mm_types = torch.zeros((bsz, width), dtype=torch.int)
+    # Padding positions are masked out; give them increasing positions so nothing odd reaches RoPE.
+    position_ids = torch.arange(width).view(1, 1, -1).repeat(4, bsz, 1)
+    vis_pos, vis_idx, tokens, pixels, grids = [], [], [], [], []
+    token_offset = 0
+    for row, item in enumerate(items):
+        n = len(item)
+        input_ids[row, :n] = item.input_ids
+        labels[row, :n] = item.labels
+        attention[row, :n] = 1
+        mm_types[row, :n] = item.mm_token_type_ids
+        position_ids[:, row, :n] = item.position_ids
+        vis_pos.append(torch.stack([torch.full_like(item.visual_positions, row), item.visual_positions], dim=1))
+        vis_idx.append(item.visual_target_index + token_offset)
+        token_offset += int(item.image_num_tokens.sum())
+        if item.pixel_values is not None:
+            pixels.append(item.pixel_values)
+            grids.append(item.image_grid_thw)
+        if item.visual_tokens is not None:
+            tokens.append(item.visual_tokens)
+    if tokens and sum(t.shape[0] for t in tokens) != token_offset:
+        raise ValueError("some conversations in the batch have visual tokens attached and others not")
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        labels=labels,
+        position_ids=position_ids,
+        visual_tokens=torch.cat(tokens) if tokens else None,
+        pixel_values=torch.cat(pixels) if pixels else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+        visual_positions=torch.cat(vis_pos).long(),
+        visual_target_index=torch.cat(vis_idx).long(),
+        mm_token_type_ids=mm_types,
+    )
