@@ -1,6 +1,6 @@
 """The ``orion`` command: one subcommand per job.
 
-    orion demo  [--preset micro] [--out runs/demo] [--steps 60]   build, train 3 losses, save, reload
+    orion demo  [--preset micro] [--out runs/demo] [--steps 200]   build, train 3 losses, save, reload
     orion build --preset tiny --out DIR [--head mlp]              write a random-init ORION model dir
     orion build --from-qwen QWEN_DIR --out DIR [--head mlp]       wrap a local Qwen2.5-VL with a new head
     orion info  DIR                                               describe a model directory
@@ -26,7 +26,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         t = p.text
         print(
             f"{name:15s} hidden={t.hidden_size:<5d} layers={t.num_hidden_layers:<3d} "
-            f"gen={p.gen_image_size}px/{p.gen_num_tokens} tokens  und=[{p.und_min_long_side},{p.und_max_long_side}]  "
+            f"gen={p.gen_image_size}px/{p.gen_num_tokens} tokens  "
+            f"und=[{p.und_min_long_side},{p.und_max_long_side}]  "
             f"{p.description}"
         )
     return 0
@@ -38,7 +39,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(preset=args.preset, out=args.out, steps=args.steps, seed=args.seed)
     before, after = summary["loss_before"], summary["loss_after"]
     print(
-        f"\n{summary['preset']}: {summary['parameters']:,} parameters, {summary['conversations']} conversations, "
+        f"\n{summary['preset']}: {summary['parameters']:,} parameters, "
+        f"{summary['conversations']} conversations, "
         f"{summary['steps']} steps in {summary['wall_seconds']} s"
     )
     for key in ("ce", "mse", "kl"):
@@ -70,7 +72,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = {
         "model_dir": args.model_dir,
         "orion_config": model.config.to_dict(),
-        "llm": {"hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "vocab_size": text.vocab_size},
+        "llm": {
+            "hidden_size": text.hidden_size,
+            "layers": text.num_hidden_layers,
+            "vocab_size": text.vocab_size,
+        },
         "parameters": {
             "total": sum(p.numel() for p in model.parameters()),
             "vision_head": sum(p.numel() for p in model.vision_head.parameters()),
@@ -82,19 +88,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orion", description="ORION unified multimodal models on Qwen2.5-VL.")
+    parser = argparse.ArgumentParser(
+        prog="orion", description="ORION unified multimodal models on Qwen2.5-VL."
+    )
     parser.add_argument("--version", action="version", version=f"orion-mllm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="build a small model, train the three ORION losses, save and reload it")
-    p.add_argument("--preset", default="micro", choices=["micro", "tiny"], help="architecture preset (default: micro)")
+    p.add_argument(
+        "--preset", default="micro", choices=["micro", "tiny"], help="architecture preset (default: micro)"
+    )
     p.add_argument("--out", default="runs/demo", help="where to save the trained model (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("build", help="write an ORION model directory (random preset or local Qwen2.5-VL + new head)")
+    p = sub.add_parser(
+        "build", help="write an ORION model directory (random preset or local Qwen2.5-VL + new head)"
+    )
     p.add_argument("--preset", choices=list(PRESETS), help="random-init architecture preset")
     p.add_argument("--from-qwen", metavar="DIR", help="local Qwen2.5-VL Hugging Face directory")
     p.add_argument("--out", required=True, help="output directory")

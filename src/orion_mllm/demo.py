@@ -57,7 +57,10 @@ def demo_conversations(num_pairs: int | None = None) -> list[list[dict]]:
         )
         convs.append(
             [
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}],
+                },
                 {"role": "assistant", "content": f"A {colour} {shape}."},
             ]
         )
@@ -72,7 +75,10 @@ def demo_conversations(num_pairs: int | None = None) -> list[list[dict]]:
                             {"type": "text", "text": f"Make it {other_colour}."},
                         ],
                     },
-                    {"role": "assistant", "content": [{"type": "image", "image": draw_shape(other_colour, shape)}]},
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "image", "image": draw_shape(other_colour, shape)}],
+                    },
                 ]
             )
     return convs
@@ -122,7 +128,9 @@ def train_steps(
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         terms = out.terms.as_floats()
-        logs.append(StepLog(step, float(out.loss), terms.get("ce"), terms.get("mse"), terms.get("kl")))
+        logs.append(
+            StepLog(step, float(out.loss.detach()), terms.get("ce"), terms.get("mse"), terms.get("kl"))
+        )
         bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if v is not None})
     return logs
 
@@ -139,7 +147,7 @@ def evaluate(model: OrionModel, batches: list[Batch], weights: LossWeights, teac
     return totals
 
 
-def run_demo(preset: str = "micro", out: str | Path = "runs/demo", steps: int = 60, seed: int = 0) -> dict:
+def run_demo(preset: str = "micro", out: str | Path = "runs/demo", steps: int = 200, seed: int = 0) -> dict:
     """Build, train, save, reload and verify; returns (and prints) a summary."""
     start = time.time()
     torch.manual_seed(seed)

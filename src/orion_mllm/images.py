@@ -81,7 +81,7 @@ def understanding_size(width: int, height: int, spec: ImageSpec) -> tuple[int, i
     scale = target_long / long_side
 
     def snap(x: float) -> int:
-        return max(factor, int(round(x * scale / factor)) * factor)
+        return max(factor, round(x * scale / factor) * factor)
 
     new_w, new_h = snap(width), snap(height)
     # Rounding can push the long side one factor past the cap; pull it back.

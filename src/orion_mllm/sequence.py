@@ -139,7 +139,9 @@ def _parts_from_list(content: list[Any], where: str) -> list[TextPart | ImagePar
                 raise ConversationError(f"{where}: content[{j}] is an image part without an 'image' value")
             parts.append(ImagePart(item["image"]))
         else:
-            raise ConversationError(f"{where}: content[{j}] has unsupported type {kind!r} (use 'text' or 'image')")
+            raise ConversationError(
+                f"{where}: content[{j}] has unsupported type {kind!r} (use 'text' or 'image')"
+            )
     return parts
 
 
@@ -155,11 +157,15 @@ def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
         else:
             raise ConversationError(f"{where}: expected a 'messages' or 'conversations' field")
         found = record.get("images", record.get("image", []))
-        images = [found] if isinstance(found, (str, bytes)) or not isinstance(found, Sequence) else list(found)
+        images = (
+            [found] if isinstance(found, (str, bytes)) or not isinstance(found, Sequence) else list(found)
+        )
     elif isinstance(record, Sequence):
         raw = list(record)
     else:
-        raise ConversationError(f"{where}: expected a list of messages or a dict, got {type(record).__name__}")
+        raise ConversationError(
+            f"{where}: expected a list of messages or a dict, got {type(record).__name__}"
+        )
     if not raw:
         raise ConversationError(f"{where}: no messages")
 
@@ -171,7 +177,8 @@ def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
         role = ROLE_ALIASES.get(str(msg.get("role")))
         if role is None:
             raise ConversationError(
-                f"{where}: message {i} has unknown role {msg.get('role')!r}; expected one of {sorted(ROLE_ALIASES)}"
+                f"{where}: message {i} has unknown role {msg.get('role')!r}; "
+                f"expected one of {sorted(ROLE_ALIASES)}"
             )
         content = msg.get("content")
         if isinstance(content, str):
@@ -191,9 +198,6 @@ def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
         raise ConversationError(
             f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s) given"
         )
-    if not any(m.role == "assistant" for m in messages):
-        # Prompts for generation are fine (see add_generation_prompt); training records need a target.
-        pass
     return messages
 
 
@@ -201,7 +205,10 @@ def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
 
 
 def mrope_positions(
-    mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, spatial_merge_size: int, start: int = 0
+    mm_token_type_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    spatial_merge_size: int,
+    start: int = 0,
 ) -> torch.Tensor:
     """M-RoPE (t, h, w) positions [3, S] by Qwen2.5-VL's rope-index rules, for still images.
 
@@ -267,7 +274,11 @@ class SequenceBuilder:
             if image is _MISSING:
                 raise ConversationError(f"{where}: image placeholder {k} has no image")
             img = load_image(image, where=f"{where}, image {k}")
-            prepared.append(resize_for_generation(img, self.spec) if is_target else resize_for_understanding(img, self.spec))
+            prepared.append(
+                resize_for_generation(img, self.spec)
+                if is_target
+                else resize_for_understanding(img, self.spec)
+            )
         out = self.image_processor(images=prepared, return_tensors="pt")
         grid = out["image_grid_thw"].long()
         for k, ((_, is_target), g) in enumerate(zip(images, grid.tolist(), strict=True)):
@@ -419,9 +430,7 @@ class Batch:
         return self.visual_tokens[self.visual_target_index]
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-        }
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
 
 
@@ -446,7 +455,9 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
         attention[row, :n] = 1
         mm_types[row, :n] = item.mm_token_type_ids
         position_ids[:, row, :n] = item.position_ids
-        vis_pos.append(torch.stack([torch.full_like(item.visual_positions, row), item.visual_positions], dim=1))
+        vis_pos.append(
+            torch.stack([torch.full_like(item.visual_positions, row), item.visual_positions], dim=1)
+        )
         vis_idx.append(item.visual_target_index + token_offset)
         token_offset += int(item.image_num_tokens.sum())
         if item.pixel_values is not None:

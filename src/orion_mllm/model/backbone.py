@@ -100,9 +100,13 @@ class ImageQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
 def build_processor(preset: Preset) -> ImageQwen2_5_VLProcessor:
     """Tokenizer (built locally) + image processor + Qwen2.5-VL chat template, as one processor."""
-    tokenizer = build_tokenizer(preset.tokenizer_vocab_size, model_max_length=preset.text.max_position_embeddings)
+    tokenizer = build_tokenizer(
+        preset.tokenizer_vocab_size, model_max_length=preset.text.max_position_embeddings
+    )
     return ImageQwen2_5_VLProcessor(
-        image_processor=build_image_processor(preset), tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        image_processor=build_image_processor(preset),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
     )
 
 
@@ -135,7 +139,9 @@ def load_processor(path: str | Path) -> ImageQwen2_5_VLProcessor:
         chat_template = template_file.read_text()
     if chat_template is None:
         raise ValueError(f"{path}: no chat template found (chat_template.jinja or tokenizer_config.json)")
-    return ImageQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    return ImageQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
 
 
 def build_qwen_config(preset: Preset, tokenizer, attn_implementation: str = "sdpa") -> Qwen2_5_VLConfig:
@@ -155,7 +161,11 @@ def build_qwen_config(preset: Preset, tokenizer, attn_implementation: str = "sdp
         "max_position_embeddings": t.max_position_embeddings,
         "rms_norm_eps": t.rms_norm_eps,
         "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": t.mrope_section},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "mrope_section": t.mrope_section,
+        },
         "tie_word_embeddings": t.tie_word_embeddings,
         "bos_token_id": ids["eos_token_id"],
         "eos_token_id": ids["eos_token_id"],

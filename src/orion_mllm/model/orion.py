@@ -83,7 +83,9 @@ class OrionConfig:
                 raise ValueError(f"{where}: missing key {key!r}")
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
-            raise ValueError(f"{where}: format_version {version} is newer than this orion-mllm ({FORMAT_VERSION})")
+            raise ValueError(
+                f"{where}: format_version {version} is newer than this orion-mllm ({FORMAT_VERSION})"
+            )
         return cls(
             head=HeadConfig.from_dict(data["head"]),
             image_spec=ImageSpec.from_dict(data["image_spec"]),
@@ -192,7 +194,9 @@ class OrionModel(nn.Module):
     ) -> OrionModel:
         """Random-init model of a named architecture (``micro``, ``tiny``, ``qwen2.5-vl-3b/7b``)."""
         preset = get_preset(name)
-        backbone, processor = build_backbone(preset, attn_implementation=attn_implementation, seed=seed, dtype=dtype)
+        backbone, processor = build_backbone(
+            preset, attn_implementation=attn_implementation, seed=seed, dtype=dtype
+        )
         config = OrionConfig(
             head=_head_config(backbone, head, mlp_ratio),
             image_spec=preset.image_spec,
@@ -319,9 +323,11 @@ class OrionModel(nn.Module):
         *,
         chunk_size: int = 1024,
     ) -> OrionOutput:
-        """One teacher-forced pass; returns the weighted loss and each term (terms with weight 0 are skipped)."""
+        """One teacher-forced pass: the weighted loss and each term (terms weighted 0 are skipped)."""
         if weights.kl > 0 and teacher is None:
-            raise ValueError("KL weight > 0 needs a teacher: build one with make_teacher(model) before training")
+            raise ValueError(
+                "KL weight > 0 needs a teacher: build one with make_teacher(model) before training"
+            )
         visual_tokens = self.batch_visual_tokens(batch)
         head_needs_layers = self.vision_head.needs_all_layers
         # Stage 1 trains the head only: then the LLM pass needs no graph at all.

@@ -70,25 +70,26 @@ QWEN2_PRETOKENIZE_REGEX = (
 # Words the embedded corpus is made of: the ShapesWorld domain plus everyday English, so that the
 # BPE merges cover what the small models are trained on while any byte string still encodes.
 _DOMAIN_WORDS = """
-circle square triangle star hexagon pentagon diamond ellipse rectangle cross heart ring shape shapes
-object objects red green blue yellow orange purple pink white black gray grey brown cyan magenta colour
-color colours colors small medium large big tiny left right above below top bottom middle centre center
-next to near far beside between behind front image picture photo drawing scene background canvas
-one two three four five six seven eight nine ten zero count many how what which where is are there
-a an the of in on with and or but not no yes it its this that these those some any each every
-generate draw create make show render paint produce sketch edit change recolour recolor move remove
-add swap replace turn into please could would can you me i like want see give let here now
-answer question option options choose correct describe caption contains containing has have
-""".split()
+circle square triangle star hexagon pentagon diamond ellipse rectangle cross heart ring shape
+shapes object objects red green blue yellow orange purple pink white black gray grey brown cyan
+magenta colour color colours colors small medium large big tiny left right above below top bottom
+middle centre center next to near far beside between behind front image picture photo drawing scene
+background canvas one two three four five six seven eight nine ten zero count many how what which
+where is are there a an the of in on with and or but not no yes it its this that these those some
+any each every generate draw create make show render paint produce sketch edit change recolour
+recolor move remove add swap replace turn into please could would can you me i like want see give
+let here now answer question option options choose correct describe caption contains containing has
+have
+""".split()  # noqa: SIM905 - a word list reads better as text
 _ENGLISH_WORDS = """
 time person year way day thing man world life hand part child eye woman place work week case point
 number group problem fact be have do say get make go know take see come think look want give use
 find tell ask work seem feel try leave call good new first last long great little own other old
 right big high different small large next early young important few public bad same able to of in
 for on with at by from up about into over after beneath under around through during without again
-further then once all both each more most other such only own so than too very just should now
-the model learns understands generates images text tokens visual vision language unified training
-""".split()
+further then once all both each more most other such only own so than too very just should now the
+model learns understands generates images text tokens visual vision language unified training
+""".split()  # noqa: SIM905 - a word list reads better as text
 _TEMPLATES = (
     "{a} {b} {c}.",
     "Draw {a} {b} {c} next to {d} {e}.",
@@ -126,7 +127,9 @@ def build_tokenizer(vocab_size: int = 1024, model_max_length: int = 32768) -> Qw
     Qwen2.5-VL's. Deterministic: the same ``vocab_size`` gives the same vocabulary and merges.
     """
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 base tokens + merges")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 base tokens + merges"
+        )
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
