@@ -1,0 +1,84 @@
+"""Presets, the local tokenizer, and the ``orion`` command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from orion_mllm.cli import main
+from orion_mllm.config import PRESETS, get_preset
+from orion_mllm.model.backbone import build_qwen_config, resolve_attn_implementation
+from orion_mllm.model.tokenizer import SPECIAL_TOKENS, build_tokenizer
+
+
+@pytest.mark.parametrize(("name", "expected"), [("qwen2.5-vl-3b", 3.75e9), ("qwen2.5-vl-7b", 8.29e9)])
+def test_real_presets_have_the_released_sizes(name, expected):
+    """Built on the meta device (no memory): parameter counts match the released checkpoints."""
+    preset = get_preset(name)
+    config = build_qwen_config(preset, build_tokenizer(preset.tokenizer_vocab_size))
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - expected) / expected < 0.005, n
+    assert config.text_config.vocab_size == 151936
+    assert preset.gen_num_tokens == 81
+    assert config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+
+
+def test_small_presets_validate_and_unknown_names_fail():
+    for preset in PRESETS.values():
+        preset.validate()
+    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: micro, tiny"):
+        get_preset("huge")
+
+
+def test_tokenizer_carries_qwen_special_tokens_and_template(tmp_path):
+    tok = build_tokenizer(640)
+    ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    text = "Draw 3 red circles, please! ünïcödé 😀 <|vision_start|><|image_pad|><|vision_end|>"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    # Special tokens are single ids, never split by BPE.
+    assert tok("<|image_pad|><|image_pad|>")["input_ids"] == [tok.convert_tokens_to_ids("<|image_pad|>")] * 2
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert again.chat_template == tok.chat_template
+    # Deterministic build.
+    assert build_tokenizer(640).get_vocab() == tok.get_vocab()
+
+
+def test_attention_implementation_choice():
+    assert resolve_attn_implementation("sdpa") == "sdpa"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_attn_implementation("magic")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="flash"):
+            resolve_attn_implementation("flash_attention_2")
+
+
+def test_cli_demo_build_info(tmp_path, capsys):
+    assert main(["demo", "--preset", "micro", "--steps", "30", "--out", str(tmp_path / "demo")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["reload_identical"] is True
+    assert summary["loss_after"]["mse"] < summary["loss_before"]["mse"]
+    assert summary["loss_after"]["ce"] < summary["loss_before"]["ce"]
+
+    assert main(["build", "--preset", "micro", "--head", "qformer", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "q")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["orion_config"]["head"]["name"] == "qformer"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("orion info: error: ") and "not an ORION model directory" in err
+    assert "\n" not in err
+    assert main(["build", "--out", str(tmp_path / "x")]) == 2
+    assert "exactly one of --preset" in capsys.readouterr().err
