@@ -96,7 +96,10 @@ def test_real_scale_image_grids():
     photo = Image.new("RGB", (1000, 500), (10, 20, 30))
     enc = builder.encode(
         [
-            {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "Redraw it."}]},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": photo}, {"type": "text", "text": "Redraw it."}],
+            },
             {"role": "assistant", "content": [{"type": "image", "image": photo}]},
         ]
     )

@@ -183,6 +183,40 @@ class _CrossEntropyTarget:
         return total
 
 
+def _accumulate_grads(
+    g: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    tile: Tensor | None,
+    grad_h_rows: Tensor | None,
+    grad_w: Tensor | None,
+    compute_dtype: torch.dtype,
+) -> None:
+    """``grad_h_rows = g @ W`` and ``grad_w += g.T @ h`` for one chunk (``g`` = d loss / d logits)."""
+    h32 = h.to(compute_dtype)
+    if tile is None:
+        if grad_h_rows is not None:
+            grad_h_rows.copy_(g @ weight)
+        if grad_w is not None:
+            grad_w.addmm_(g.T, h32)
+        return
+    # Low-precision weight: the same fp32 tiles as in _linear, each used for both products.
+    n_vocab = weight.shape[0]
+    gh = None if grad_h_rows is None else torch.zeros_like(grad_h_rows, dtype=compute_dtype)
+    for v0 in range(0, n_vocab, tile.shape[0]):
+        v1 = min(v0 + tile.shape[0], n_vocab)
+        w = tile[: v1 - v0]
+        w.copy_(weight[v0:v1])
+        g_tile = g[:, v0:v1]
+        if gh is not None:
+            gh.addmm_(g_tile, w)
+        if grad_w is not None:
+            # one rounding to the storage dtype per chunk (bf16 for a bf16 weight)
+            grad_w[v0:v1].add_(g_tile.T @ h32)
+    if grad_h_rows is not None:
+        grad_h_rows.copy_(gh)
+
+
 def _chunked_forward(
     ctx: Any, hidden: Tensor, weight: Tensor, target: _KLTarget | _CrossEntropyTarget, chunk_size: int
 ) -> Tensor:
@@ -220,28 +254,13 @@ def _chunked_forward(
         total += target.loss_and_grad_(logp, start, end, compute_dtype)
         if not (need_h or need_w):
             continue
-        g = logp.mul_(inv_n)  # gradient of the *mean* loss wrt this chunk's logits
-        h32 = h.to(compute_dtype)
-        if tile is None:
-            if grad_h is not None:
-                grad_h[start:end] = g @ weight
-            if grad_w is not None:
-                grad_w.addmm_(g.T, h32)
-        else:
-            gh = torch.zeros((end - start, d), dtype=compute_dtype, device=h.device) if need_h else None
-            for v0 in range(0, n_vocab, tile.shape[0]):
-                v1 = min(v0 + tile.shape[0], n_vocab)
-                w = tile[: v1 - v0]
-                w.copy_(weight[v0:v1])
-                g_tile = g[:, v0:v1]
-                if gh is not None:
-                    gh.addmm_(g_tile, w)
-                if grad_w is not None:
-                    # one rounding to the storage dtype per chunk (bf16 for a bf16 weight)
-                    grad_w[v0:v1].add_(g_tile.T @ h32)
-            if grad_h is not None and gh is not None:
-                grad_h[start:end] = gh
-        del logp, g
+        logp.mul_(inv_n)  # now the gradient of the *mean* loss wrt this chunk's logits
+        _accumulate_grads(
+            logp, h, weight, tile, None if grad_h is None else grad_h[start:end], grad_w, compute_dtype
+        )
+        # Drop the [chunk, V] buffer before the next chunk allocates its own (views of it must not
+        # outlive this iteration either, which is why the contraction lives in a helper).
+        del logp
 
     ctx.save_for_backward(grad_h, grad_w)
     ctx.input_dtypes = (hidden.dtype, weight.dtype)
@@ -256,9 +275,16 @@ def _chunked_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Ten
     scale = float(grad_output)
     out: list[Tensor | None] = []
     for g, dtype in ((grad_h, h_dtype), (grad_w, w_dtype)):
-        # Always a new tensor: the saved gradient must stay intact if backward runs twice
-        # (retain_graph=True) and must not become the .grad that autograd accumulates into.
-        out.append(None if g is None else torch.mul(g, scale).to(dtype))
+        if g is None:
+            out.append(None)
+        elif scale == 1.0:
+            # The common `loss.backward()` case: hand the saved tensor over without a copy (saves a
+            # full V x d buffer). Safe with retain_graph=True too: AccumulateGrad clones a gradient
+            # that is still referenced elsewhere (here: by the saved graph) before storing it.
+            out.append(g.to(dtype))
+        else:
+            # Out of place, so the saved gradient stays intact for a second backward (retain_graph).
+            out.append(torch.mul(g, scale).to(dtype))
     return out[0], out[1]
 
 
@@ -564,7 +590,8 @@ def cross_entropy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_si
     _check_linear_inputs("ce", hidden, weight)
     if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
         raise ValueError(
-            f"targets must be 1-D with one id per position ({hidden.shape[0]}), got shape {tuple(targets.shape)}"
+            f"targets must be 1-D with one id per position ({hidden.shape[0]}), "
+            f"got shape {tuple(targets.shape)}"
         )
     if targets.dtype != torch.long:
         raise TypeError(f"targets must be torch.long, got {targets.dtype}")
@@ -637,7 +664,7 @@ class LossWeights:
                 f"loss weights must be 'CE:MSE:KL' (three numbers, e.g. '1:1:0.01'), got {spec!r}"
             )
         values: list[float] = []
-        for name, part in zip(_TERMS, parts):
+        for name, part in zip(_TERMS, parts, strict=True):
             try:
                 values.append(float(part.strip()))
             except ValueError:
