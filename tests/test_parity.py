@@ -171,3 +171,23 @@ def test_from_qwen_wraps_a_plain_directory(micro_dir):
     assert model.config.base_model == micro_dir
     assert model.config.image_spec.gen_image_size == 9 * 16  # 9x9 merged grid at patch 8 x merge 2
     assert not any(p.requires_grad for p in model.backbone.model.visual.parameters())
+
+
+def test_hub_style_chat_template_json_is_read(micro_dir, tmp_path):
+    """Qwen2.5-VL checkpoints on the Hub ship the template as chat_template.json; load that layout too."""
+    import shutil
+
+    from orion_mllm.model.backbone import load_processor
+
+    hub = tmp_path / "hub"
+    shutil.copytree(micro_dir, hub)
+    template = (hub / "chat_template.jinja").read_text()
+    (hub / "chat_template.jinja").unlink()
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    config = json.loads((hub / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (hub / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_processor(hub).chat_template == template
+    (hub / "chat_template.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"chat_template\.json: expected a JSON object"):
+        load_processor(hub)

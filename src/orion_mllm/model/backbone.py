@@ -133,15 +133,32 @@ def load_processor(path: str | Path) -> ImageQwen2_5_VLProcessor:
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = _image_processor_class().from_pretrained(path)
-    chat_template = tokenizer.chat_template
-    template_file = path / "chat_template.jinja"
-    if chat_template is None and template_file.exists():
-        chat_template = template_file.read_text()
+    chat_template = _read_chat_template(path) or tokenizer.chat_template
     if chat_template is None:
-        raise ValueError(f"{path}: no chat template found (chat_template.jinja or tokenizer_config.json)")
+        raise ValueError(
+            f"{path}: no chat template found "
+            "(chat_template.jinja, chat_template.json or tokenizer_config.json)"
+        )
     return ImageQwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
     )
+
+
+def _read_chat_template(path: Path) -> str | None:
+    """The processor-level template (multimodal) wins over the tokenizer's: .jinja (transformers 5
+    layout) first, then chat_template.json (how Qwen2.5-VL checkpoints on the Hub ship it)."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    legacy = path / "chat_template.json"
+    if legacy.is_file():
+        try:
+            return json.loads(legacy.read_text())["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{legacy}: expected a JSON object with a 'chat_template' string ({err})"
+            ) from err
+    return None
 
 
 def build_qwen_config(preset: Preset, tokenizer, attn_implementation: str = "sdpa") -> Qwen2_5_VLConfig:
