@@ -140,3 +140,31 @@ def test_learning_check_micro_regresses_visual_tokens_and_learns_text():
     assert before["mse"] / after["mse"] >= 10, (before, after)
     assert after["ce"] < 0.5 * before["ce"], (before, after)
     print(f"learning check: {before} -> {after} in {elapsed:.1f}s")
+
+
+def test_text_only_batch_with_mse_weight(fresh_micro):
+    convs = [[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello there."}]]
+    batch = make_batches(fresh_micro, convs, batch_size=1)[0]
+    assert batch.visual_tokens is None
+    teacher = make_teacher(fresh_micro)
+    out = fresh_micro(batch, LossWeights(1.0, 1.0, 0.01), teacher=teacher)
+    assert out.terms.mse.item() == 0.0 and out.terms.kl.item() == 0.0
+    out.loss.backward()
+    assert fresh_micro.backbone.lm_head.weight.grad is not None
+
+
+def test_visual_token_count_mismatch_is_an_error(fresh_micro):
+    batch = make_batches(fresh_micro, demo_conversations(1), batch_size=2)[0]
+    batch.visual_tokens = batch.visual_tokens[:-1]
+    with pytest.raises(ValueError, match="<\\|image_pad\\|> tokens but"):
+        fresh_micro.logits(batch)
+
+
+def test_demo_data_covers_generation_understanding_and_editing():
+    def has_image(content) -> bool:
+        return isinstance(content, list) and any(part["type"] == "image" for part in content)
+
+    found = {
+        (has_image(user["content"]), has_image(reply["content"])) for user, reply in demo_conversations()
+    }
+    assert {(False, True), (True, False), (True, True)} <= found  # text-to-image, understanding, editing

@@ -191,3 +191,28 @@ def test_hub_style_chat_template_json_is_read(micro_dir, tmp_path):
     (hub / "chat_template.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"chat_template\.json: expected a JSON object"):
         load_processor(hub)
+
+
+def test_save_refuses_to_overwrite_a_foreign_directory(micro_model, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an ORION model; refusing to overwrite"):
+        micro_model.save_pretrained(project)
+    assert (project / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    micro_model.save_pretrained(tmp_path / "empty")  # an empty folder is fine
+    assert (tmp_path / "empty" / "orion_config.json").is_file()
+
+
+def test_load_recovers_from_a_save_killed_between_renames(micro_model, tmp_path):
+    target = tmp_path / "ckpt"
+    micro_model.save_pretrained(target)
+    # What a kill after `path -> .old` and before `.tmp -> path` leaves behind.
+    target.rename(tmp_path / ".ckpt.old-12345")
+    (tmp_path / ".ckpt.tmp-12345").mkdir()
+    with pytest.warns(UserWarning, match="restored .*ckpt from .ckpt.old-12345"):
+        loaded = OrionModel.from_pretrained(target)
+    assert loaded.config.to_dict() == micro_model.config.to_dict()
+    micro_model.save_pretrained(target)  # the next save clears the stale temp dir
+    assert not (tmp_path / ".ckpt.tmp-12345").exists()

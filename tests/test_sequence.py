@@ -292,3 +292,26 @@ def test_collate_offsets(builder, micro_model, images):
     assert batch.visual_positions[:, 0].tolist() == [0] * len(a.visual_positions) + [1] * len(
         b.visual_positions
     )
+
+
+def test_null_image_columns_mean_no_images(builder):
+    swift = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        "images": None,
+    }
+    llava = {
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+        "image": None,
+    }
+    a, b = builder.encode(swift), builder.encode(llava)
+    assert torch.equal(a.input_ids, b.input_ids) and a.pixel_values is None
+
+
+@pytest.mark.parametrize("text", ["I <|vision_start|> ok", "stop<|im_end|>here", "<|endoftext|>"])
+def test_literal_special_tokens_in_text_are_rejected(builder, text):
+    conv = {
+        "id": "s1",
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}],
+    }
+    with pytest.raises(ConversationError, match="record s1: text part 1 contains special token"):
+        builder.encode(conv, "s1")

@@ -219,7 +219,7 @@ PRESETS: dict[str, Preset] = {
             num_hidden_layers=28,
             num_attention_heads=28,
             num_key_value_heads=4,
-            vocab_size=151936,
+            vocab_size=152064,  # the 7B ships a larger embedding than the 3B
             tie_word_embeddings=False,
             max_position_embeddings=128000,
         ),

@@ -10,6 +10,7 @@ land, this is the project's main job; it is also what the learning-check test ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -64,7 +65,8 @@ def demo_conversations(num_pairs: int | None = None) -> list[list[dict]]:
                 {"role": "assistant", "content": f"A {colour} {shape}."},
             ]
         )
-        other_colour, other_shape = pairs[(i + 1) % len(pairs)]
+        # pairs are colour-major: stepping by len(SHAPES) gives the same shape in the next colour.
+        other_colour, other_shape = pairs[(i + len(SHAPES)) % len(pairs)]
         if other_shape == shape and other_colour != colour:
             convs.append(
                 [
@@ -161,7 +163,8 @@ def run_demo(preset: str = "micro", out: str | Path = "runs/demo", steps: int = 
 
     path = model.save_pretrained(out)
     reloaded = OrionModel.from_pretrained(path)
-    probe = batches[0]
+    # Visual tokens dropped: each model re-encodes the pixels, so the reloaded tower is checked too.
+    probe = dataclasses.replace(batches[0], visual_tokens=None)
     same_logits = torch.equal(model.logits(probe), reloaded.logits(probe))
     hidden = torch.randn(3, model.hidden_size)
     same_head = torch.equal(model.predict_visual_tokens(hidden), reloaded.predict_visual_tokens(hidden))

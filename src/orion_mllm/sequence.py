@@ -156,7 +156,7 @@ def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
             raw = list(record["messages"])
         else:
             raise ConversationError(f"{where}: expected a 'messages' or 'conversations' field")
-        found = record.get("images", record.get("image", []))
+        found = record.get("images", record.get("image")) or []  # null columns in mixed JSONL
         images = (
             [found] if isinstance(found, (str, bytes)) or not isinstance(found, Sequence) else list(found)
         )
@@ -261,6 +261,7 @@ class SequenceBuilder:
         self.vision_start_id = tok.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
         self.im_end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.special_tokens = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()))
 
     # -- images
 
@@ -326,6 +327,12 @@ class SequenceBuilder:
         if add_generation_prompt:
             segments.append(("<|im_start|>assistant\n", False))
 
+        for k, part in enumerate(p for m in messages for p in m.parts if isinstance(p, TextPart)):
+            found = [tok for tok in self.special_tokens if tok in part.text]
+            if found:
+                # Literal special tokens would be tokenised as control tokens (an early <|im_end|>,
+                # a <|vision_start|> with no image) and supervised as such.
+                raise ConversationError(f"{where}: text part {k} contains special token(s) {found}")
         text = "".join(s for s, _ in segments)
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)

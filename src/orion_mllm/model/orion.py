@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,10 @@ def backbone_hidden_states(
     embeds = lm.embed_tokens(batch.input_ids)
     if visual_tokens is not None:
         mask = (batch.input_ids == backbone.config.image_token_id).unsqueeze(-1)
+        if int(mask.sum()) != visual_tokens.shape[0]:
+            raise ValueError(
+                f"batch has {int(mask.sum())} <|image_pad|> tokens but {visual_tokens.shape[0]} visual tokens"
+            )
         embeds = embeds.masked_scatter(mask, visual_tokens.to(embeds.dtype))
     # A batch without padding needs no mask: the text row of position_ids already tells
     # transformers where each sample starts (it builds the causal / packed mask from it).
@@ -236,6 +241,7 @@ class OrionModel(nn.Module):
     ) -> OrionModel:
         """Load a directory written by ``save_pretrained``."""
         path = Path(path)
+        _recover_interrupted_save(path)
         config_file = path / ORION_CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(
@@ -257,13 +263,22 @@ class OrionModel(nn.Module):
         """Write backbone (HF format), processor, head weights and ``orion_config.json`` (safetensors only).
 
         Written to a temporary sibling directory first and swapped in at the end, so an interrupted
-        save never leaves a half-written model where a good one was.
+        save never leaves a half-written model where a good one was. An existing *ORION model*
+        directory is replaced; any other non-empty directory is refused (never deleted).
         """
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory")
+        if path.is_dir() and any(path.iterdir()) and not (path / ORION_CONFIG_NAME).is_file():
+            raise FileExistsError(
+                f"{path} is a non-empty directory that is not an ORION model; refusing to overwrite it "
+                "(choose a new or empty folder)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # interrupted saves: never complete
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         old = path.parent / f".{path.name}.old-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         self.backbone.save_pretrained(tmp, safe_serialization=True)
         save_processor(self.processor, tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in self.vision_head.state_dict().items()}
@@ -344,7 +359,12 @@ class OrionModel(nn.Module):
         visual_hidden = hidden[rows, cols]
         if weights.mse > 0:
             head_input = torch.stack([h[rows, cols] for h in layers]) if head_needs_layers else visual_hidden
-            terms.mse = mse_loss(self.vision_head(head_input), visual_tokens[batch.visual_target_index])
+            targets = (
+                visual_tokens[batch.visual_target_index]
+                if visual_tokens is not None
+                else hidden.new_zeros(0, self.hidden_size)  # text-only batch: an empty, zero MSE
+            )
+            terms.mse = mse_loss(self.vision_head(head_input), targets.to(hidden.dtype))
         num_text = 0
         if weights.ce > 0:
             # labels are unshifted: the hidden at t predicts labels[t + 1].
@@ -370,6 +390,17 @@ class OrionModel(nn.Module):
             num_text_targets=num_text,
             num_visual_targets=int(rows.numel()),
         )
+
+
+def _recover_interrupted_save(path: Path) -> None:
+    """A save killed between its two renames leaves the previous model at ``.NAME.old-PID``: restore it."""
+    if path.exists():
+        return
+    complete = [d for d in path.parent.glob(f".{path.name}.old-*") if (d / ORION_CONFIG_NAME).is_file()]
+    if complete:
+        newest = max(complete, key=lambda d: d.stat().st_mtime)
+        newest.rename(path)
+        warnings.warn(f"restored {path} from {newest.name}, left by an interrupted save", stacklevel=3)
 
 
 def _head_config(backbone: Qwen2_5_VLForConditionalGeneration, head: str, mlp_ratio: int) -> HeadConfig:
