@@ -5,6 +5,7 @@
     orion build --from-qwen QWEN_DIR --out DIR [--head mlp]       wrap a local Qwen2.5-VL with a new head
     orion info  DIR                                               describe a model directory
     orion presets                                                 list architecture presets
+    orion data check FILE.jsonl [--image-root DIR] [--decode]     validate a conversation dataset
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -87,6 +88,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from orion_mllm.data.check import check_jsonl
+
+    report = check_jsonl(args.file, image_root=args.image_root, decode=args.decode)
+    for problem in report.problems:
+        print(problem)
+    summary = report.to_dict()
+    tasks = ", ".join(f"{k} {v}" for k, v in summary["tasks"].items())
+    print(
+        f"{report.path}: {summary['records']} records ({tasks}), {summary['images']} images, "
+        f"{summary['problems']} problem(s)"
+    )
+    print(json.dumps(summary))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orion", description="ORION unified multimodal models on Qwen2.5-VL."
@@ -118,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe an ORION model directory")
     p.add_argument("model_dir")
     p.set_defaults(func=_cmd_info)
+
+    data = sub.add_parser("data", help="datasets: validate conversation files")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="validate a conversation JSONL (LLaVA or ms-swift form)")
+    p.add_argument("file", help="the .jsonl file")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the file's folder)")
+    p.add_argument("--decode", action="store_true", help="also open every image (slower)")
+    p.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)

@@ -1,0 +1,1 @@
+"""Datasets: conversation formats, prompt templates, validation, and the embedded ShapesWorld."""
