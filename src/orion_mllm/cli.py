@@ -6,6 +6,7 @@
     orion info  DIR                                               describe a model directory
     orion presets                                                 list architecture presets
     orion data check FILE.jsonl [--image-root DIR] [--decode]     validate a conversation dataset
+    orion data shapes --out DIR [--size 64] [--n-und N ...]       write the ShapesWorld datasets
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -104,6 +105,24 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_data_shapes(args: argparse.Namespace) -> int:
+    from orion_mllm.data.shapes.datasets import write_shapes_dataset
+
+    meta = write_shapes_dataset(
+        args.out,
+        size=args.size,
+        n_und=args.n_und,
+        n_gen=args.n_gen,
+        n_edit=args.n_edit,
+        n_interleaved=args.n_interleaved,
+        n_heldout=args.n_heldout,
+        seed=args.seed,
+    )
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
+    print(json.dumps(meta["counts"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orion", description="ORION unified multimodal models on Qwen2.5-VL."
@@ -143,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder image paths are relative to (default: the file's folder)")
     p.add_argument("--decode", action="store_true", help="also open every image (slower)")
     p.set_defaults(func=_cmd_data_check)
+
+    p = data_sub.add_parser("shapes", help="write the ShapesWorld datasets (JSONL + PNG) and meta.json")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels, 32..512 (default: 64)")
+    p.add_argument("--n-und", type=int, default=1000, help="understanding records (default: 1000)")
+    p.add_argument("--n-gen", type=int, default=1000, help="text-to-image records (default: 1000)")
+    p.add_argument("--n-edit", type=int, default=500, help="editing records (default: 500)")
+    p.add_argument(
+        "--n-interleaved", type=int, default=100, help="generate-then-ask eval dialogues (default: 100)"
+    )
+    p.add_argument("--n-heldout", type=int, default=100, help="held-out composition prompts (default: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_shapes)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)

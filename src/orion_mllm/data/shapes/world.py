@@ -173,7 +173,8 @@ def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, gap: float = 0
     return by1 + gap <= ay0 and dy >= 2 * abs(dx)
 
 
-def _fits(obj: ShapeObject, others: Sequence[ShapeObject]) -> bool:
+def fits_in_scene(obj: ShapeObject, others: Sequence[ShapeObject]) -> bool:
+    """Whether ``obj`` lies inside the canvas margins and clear of every object in ``others``."""
     x0, y0, x1, y1 = obj.bbox
     if x0 < EDGE_MARGIN or y0 < EDGE_MARGIN or x1 > 1 - EDGE_MARGIN or y1 > 1 - EDGE_MARGIN:
         return False
@@ -234,7 +235,7 @@ def sample_scene(
                 x = f["x"] if "x" in f else round(rng.uniform(lo_x, hi_x), 4)
                 y = f["y"] if "y" in f else round(rng.uniform(lo_y, hi_y), 4)
                 obj = ShapeObject(shape, colour, size, x, y)
-                if not _fits(obj, placed):
+                if not fits_in_scene(obj, placed):
                     continue
                 if relation is not None and max(relation[0], relation[2]) == k:
                     cand = [*placed, obj]

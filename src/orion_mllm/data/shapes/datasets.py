@@ -1,0 +1,505 @@
+"""ShapesWorld datasets: understanding, text-to-image, editing and interleaved conversations on disk.
+
+``write_shapes_dataset`` renders scenes and writes conversation JSONL (LLaVA form: ``conversations``
+with ``from``/``value`` and ``<image>`` placeholders; image paths relative to the JSONL's folder)
+plus PNGs, the same format real data uses, so the training pipeline reads them unchanged. Every
+record also keeps what generated it (``scene``, ``spec``, ``answer``...) so evaluations can score it.
+
+Files written under ``out``:
+
+- ``und.jsonl``: captions, MMBench-style multiple choice (A-D), short answers about colour, shape,
+  count, existence and relative position, and multi-turn dialogues about one image;
+- ``gen.jsonl``: captions in GenEval's six categories wrapped in the prompt templates
+  (``orion_mllm.data.templates``);
+- ``edit.jsonl``: recolour / add / remove / move / swap, source image in the user turn, target in
+  the assistant turn;
+- ``interleaved.jsonl``: evaluation dialogues that generate an image, then ask about it;
+- ``heldout_gen.jsonl``: prompts using the held-out colour-shape pairs and count, which never
+  occur in the training files (compositional generalisation);
+- ``meta.json``: seed, size, counts, vocabulary, held-out lists.
+
+Deterministic: the same arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from orion_mllm.data.shapes.render import render_scene
+from orion_mllm.data.shapes.scorer import CATEGORIES, ObjectSpec, Spec, sample_spec_and_scene
+from orion_mllm.data.shapes.world import (
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    fits_in_scene,
+    sample_scene,
+)
+from orion_mllm.data.templates import ALL_TEMPLATES, generation_prompt
+
+# Never in training captions, questions or images; only in heldout_gen.jsonl.
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("purple", "star"), ("orange", "cross"), ("pink", "triangle"))
+HELD_OUT_COUNT = 4  # counting captions and count questions in training use 1-3 only
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+QUESTION_TYPES = ("colour", "shape", "count", "existence", "position")
+EDIT_OPS = ("recolour", "add", "remove", "move", "swap")
+MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith(("s", "x", "ss")) or shape == "cross" else "s")
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def is_training_scene(scene: Scene) -> bool:
+    """No held-out colour-shape pair and no shape four times."""
+    shapes = [o.shape for o in scene.objects]
+    return not any((o.colour, o.shape) in HELD_OUT_PAIRS for o in scene.objects) and all(
+        shapes.count(s) < HELD_OUT_COUNT for s in shapes
+    )
+
+
+def _resample(rng: random.Random, draw: Callable[[], Any], accept: Callable[[Any], bool], what: str) -> Any:
+    for _ in range(1000):
+        value = draw()
+        if accept(value):
+            return value
+    raise RuntimeError(f"could not sample a {what} outside the held-out set")
+
+
+def object_phrase(obj: ShapeObject, *, size: bool = False) -> str:
+    words = ([obj.size] if size else []) + [obj.colour, obj.shape]
+    return f"{article(words[0])} {' '.join(words)}"
+
+
+def describe_scene(scene: Scene) -> str:
+    """One sentence naming every object with its size, plus the relation when there are two."""
+    phrases = [object_phrase(o, size=True) for o in scene.objects]
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    text = text[0].upper() + text[1:] + "."
+    if len(scene.objects) == 2:
+        a, b = scene.objects
+        rel = horizontal_or_vertical(a, b)
+        text += f" The {a.colour} {a.shape} is {rel} the {b.colour} {b.shape}."
+    return text
+
+
+def horizontal_or_vertical(a: ShapeObject, b: ShapeObject) -> str:
+    """The dominant relation of a to b (the axis with the larger centre offset)."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def caption_for(spec: Spec, scene: Scene) -> str:
+    """The GenEval-category caption of ``spec``, colours filled in where the scene makes them unambiguous."""
+    filled = []
+    for o in spec.objects:
+        colours = {x.colour for x in scene.objects if x.shape == o.shape}
+        colour = o.colour or (colours.pop() if len(colours) == 1 else None)
+        filled.append(ObjectSpec(o.shape, colour, o.count))
+    return Spec(spec.category, filled, spec.relation).prompt().removeprefix("a photo of ")
+
+
+# ----------------------------------------------------------------------------- understanding
+
+
+def _unique(scene: Scene, key: Callable[[ShapeObject], Any]) -> list[ShapeObject]:
+    values = [key(o) for o in scene.objects]
+    return [o for o in scene.objects if values.count(key(o)) == 1]
+
+
+def short_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str] | None:
+    """(question, answer) of ``qtype`` about ``scene``, or None when the scene cannot support it."""
+    if qtype == "colour":
+        cands = _unique(scene, lambda o: o.shape)
+        if not cands:
+            return None
+        o = rng.choice(cands)
+        return f"What colour is the {o.shape}?", o.colour.capitalize() + "."
+    if qtype == "shape":
+        cands = _unique(scene, lambda o: o.colour)
+        if not cands:
+            return None
+        o = rng.choice(cands)
+        return f"What shape is the {o.colour} object?", f"{article(o.shape).capitalize()} {o.shape}."
+    if qtype == "count":
+        shape = rng.choice([o.shape for o in scene.objects] + [rng.choice(SHAPES)])
+        n = sum(o.shape == shape for o in scene.objects)
+        return f"How many {plural(shape)} are there?", str(n)
+    if qtype == "existence":
+        if rng.random() < 0.5:
+            o = rng.choice(scene.objects)
+            colour, shape = o.colour, o.shape
+        else:
+            present = {(o.colour, o.shape) for o in scene.objects}
+            colour, shape = _resample(
+                rng,
+                lambda: (rng.choice(list(COLOURS)), rng.choice(SHAPES)),
+                lambda p: p not in present and p not in HELD_OUT_PAIRS,
+                "absent pair",
+            )
+        answer = "Yes." if any((o.colour, o.shape) == (colour, shape) for o in scene.objects) else "No."
+        return f"Is there {article(colour)} {colour} {shape} in the image?", answer
+    if qtype == "position":
+        cands = _unique(scene, lambda o: (o.colour, o.shape))
+        if len(cands) < 2:
+            return None
+        a, b = rng.sample(cands, 2)
+        rel = horizontal_or_vertical(a, b)
+        return (
+            f"Where is the {a.colour} {a.shape} relative to the {b.colour} {b.shape}? "
+            "Answer left of, right of, above or below.",
+            rel.capitalize() + ".",
+        )
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def multiple_choice(rng: random.Random, scene: Scene) -> tuple[str, list[str], str] | None:
+    """MMBench-style colour question: (question, four options, correct letter)."""
+    cands = _unique(scene, lambda o: o.shape)
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    options = [o.colour, *rng.sample([c for c in COLOURS if c != o.colour], 3)]
+    rng.shuffle(options)
+    return f"What colour is the {o.shape}?", options, "ABCD"[options.index(o.colour)]
+
+
+def format_mcq(question: str, options: list[str]) -> str:
+    lines = [question, *(f"{letter}. {opt}" for letter, opt in zip("ABCD", options, strict=True)), MCQ_SUFFIX]
+    return "\n".join(lines)
+
+
+def understanding_record(rng: random.Random, scene: Scene, image: str, index: int) -> dict[str, Any]:
+    kind = rng.choice(("caption", "mcq", "short", "short", "dialogue"))
+    base = {"id": f"und-{index:06d}", "task": "understanding", "image": image, "scene": scene.to_dict()}
+    if kind == "caption":
+        prompt = rng.choice(
+            ("Describe the image.", "What is in this picture?", "Describe the shapes you see.")
+        )
+        return {
+            **base,
+            "qtype": "caption",
+            "answer": describe_scene(scene),
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{prompt}"},
+                {"from": "gpt", "value": describe_scene(scene)},
+            ],
+        }
+    if kind == "mcq" and (mcq := multiple_choice(rng, scene)) is not None:
+        question, options, letter = mcq
+        return {
+            **base,
+            "qtype": "mcq",
+            "options": options,
+            "answer": letter,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{format_mcq(question, options)}"},
+                {"from": "gpt", "value": letter},
+            ],
+        }
+    turns = 1 if kind != "dialogue" else rng.randint(2, 3)
+    conversations, qtypes, answers = [], [], []
+    for t in range(turns):
+        for _ in range(10):
+            qtype = rng.choice(QUESTION_TYPES)
+            qa = short_question(rng, scene, qtype)
+            if qa is not None:
+                break
+        else:  # every scene supports count questions
+            qtype, qa = "count", short_question(rng, scene, "count")
+        question, answer = qa
+        conversations += [
+            {"from": "human", "value": f"<image>\n{question}" if t == 0 else question},
+            {"from": "gpt", "value": answer},
+        ]
+        qtypes.append(qtype)
+        answers.append(answer)
+    return {
+        **base,
+        "qtype": qtypes[0] if turns == 1 else "dialogue",
+        "qtypes": qtypes,
+        "answer": answers[0],
+        "answers": answers,
+        "conversations": conversations,
+    }
+
+
+# ----------------------------------------------------------------------------- editing
+
+
+def _refer(o: ShapeObject) -> str:
+    return f"the {o.colour} {o.shape}"
+
+
+def _fits_all(objs: list[ShapeObject]) -> bool:
+    return all(fits_in_scene(o, objs[:k] + objs[k + 1 :]) for k, o in enumerate(objs))
+
+
+def edit_pair(rng: random.Random, op: str) -> tuple[Scene, Scene, str] | None:
+    """(source, target, instruction) for one edit operation, or None if this draw does not allow it."""
+    source = sample_scene(rng, rng.randint(1 if op in ("recolour", "add", "move") else 2, 3))
+    if not is_training_scene(source):
+        return None
+    objs = list(source.objects)
+    unique = _unique(source, lambda o: (o.colour, o.shape))
+    if op == "add":
+        if len(objs) >= 4:
+            return None
+        target = sample_scene(rng, len(objs) + 1, fixed=[o.to_dict() for o in objs])
+        new = target.objects[-1]
+        instruction = f"Add {object_phrase(new)}."
+    elif not unique:
+        return None
+    elif op == "recolour":
+        o = rng.choice(unique)
+        colour = rng.choice([c for c in COLOURS if c != o.colour and (c, o.shape) not in HELD_OUT_PAIRS])
+        new_objs = [ShapeObject(x.shape, colour, x.size, x.x, x.y) if x is o else x for x in objs]
+        target, instruction = Scene(tuple(new_objs)), f"Change the colour of {_refer(o)} to {colour}."
+    elif op == "remove":
+        o = rng.choice(unique)
+        target, instruction = Scene(tuple(x for x in objs if x is not o)), f"Remove {_refer(o)}."
+    elif op == "move":
+        o = rng.choice(unique)
+        direction = rng.choice(("left", "right", "top", "bottom"))
+        half_w, half_h = o.half_extent
+        coord = {
+            "left": 0.05 + half_w + 0.01,
+            "right": 0.95 - half_w - 0.01,
+            "top": 0.05 + half_h + 0.01,
+            "bottom": 0.95 - half_h - 0.01,
+        }[direction]
+        moved = ShapeObject(
+            o.shape,
+            o.colour,
+            o.size,
+            coord if direction in ("left", "right") else o.x,
+            coord if direction in ("top", "bottom") else o.y,
+        )
+        if abs(moved.x - o.x) + abs(moved.y - o.y) < 0.15:
+            return None
+        new_objs = [moved if x is o else x for x in objs]
+        if not _fits_all(new_objs):
+            return None
+        target, instruction = Scene(tuple(new_objs)), f"Move {_refer(o)} to the {direction}."
+    elif op == "swap":
+        if len(unique) < 2:
+            return None
+        a, b = rng.sample(unique, 2)
+        pos = {id(a): (b.x, b.y), id(b): (a.x, a.y)}
+        new_objs = [ShapeObject(x.shape, x.colour, x.size, *pos[id(x)]) if id(x) in pos else x for x in objs]
+        if not _fits_all(new_objs):
+            return None
+        target, instruction = Scene(tuple(new_objs)), f"Swap the positions of {_refer(a)} and {_refer(b)}."
+    else:
+        raise ValueError(f"unknown edit op {op!r}")
+    return source, target, instruction
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+@dataclass
+class _Writer:
+    out: Path
+    size: int
+
+    def image(self, scene: Scene, rel: str) -> str:
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render_scene(scene, self.size).save(path, format="PNG", optimize=False)
+        return rel
+
+
+def _jsonl(path: Path, records: Iterator[dict[str, Any]]) -> int:
+    n = 0
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            n += 1
+    tmp.replace(path)  # a killed run never leaves a truncated file under the final name
+    return n
+
+
+def _gen_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
+    return _resample(
+        rng,
+        lambda: sample_spec_and_scene(rng, category),
+        lambda pair: is_training_scene(pair[1]) and all(o.count < HELD_OUT_COUNT for o in pair[0].objects),
+        f"{category} scene",
+    )
+
+
+def write_shapes_dataset(
+    out: str | Path,
+    *,
+    size: int = 64,
+    n_und: int = 1000,
+    n_gen: int = 1000,
+    n_edit: int = 500,
+    n_interleaved: int = 100,
+    n_heldout: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``."""
+    if not 32 <= size <= 512:
+        raise ValueError(f"size={size}: ShapesWorld renders 32 to 512 px")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = _Writer(out, size)
+    bar = tqdm(
+        total=n_und + n_gen + n_edit + n_interleaved + n_heldout, desc="shapesworld", disable=not progress
+    )
+
+    def und() -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{seed}/und")
+        for i in range(n_und):
+            scene = _resample(rng, lambda: sample_scene(rng, rng.randint(1, 4)), is_training_scene, "scene")
+            yield understanding_record(rng, scene, w.image(scene, f"images/und/{i:06d}.png"), i)
+            bar.update()
+
+    def gen() -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{seed}/gen")
+        for i in range(n_gen):
+            category = CATEGORIES[i % len(CATEGORIES)]
+            spec, scene = _gen_spec_and_scene(rng, category)
+            caption = caption_for(spec, scene)
+            yield {
+                "id": f"gen-{i:06d}",
+                "task": "generation",
+                "category": category,
+                "caption": caption,
+                "spec": spec.to_dict(),
+                "scene": scene.to_dict(),
+                "image": w.image(scene, f"images/gen/{i:06d}.png"),
+                "conversations": [
+                    {"from": "human", "value": generation_prompt(caption, rng)},
+                    {"from": "gpt", "value": "<image>"},
+                ],
+            }
+            bar.update()
+
+    def edit() -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{seed}/edit")
+        for i in range(n_edit):
+            op = EDIT_OPS[i % len(EDIT_OPS)]
+            source, target, instruction = _resample(
+                rng, lambda op=op: edit_pair(rng, op), lambda r: r is not None and is_training_scene(r[1]), op
+            )
+            images = [
+                w.image(source, f"images/edit/{i:06d}_src.png"),
+                w.image(target, f"images/edit/{i:06d}_tgt.png"),
+            ]
+            yield {
+                "id": f"edit-{i:06d}",
+                "task": "editing",
+                "op": op,
+                "instruction": instruction,
+                "source": source.to_dict(),
+                "scene": target.to_dict(),
+                "images": images,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{instruction}"},
+                    {"from": "gpt", "value": "<image>"},
+                ],
+            }
+            bar.update()
+
+    def interleaved() -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{seed}/interleaved")
+        for i in range(n_interleaved):
+            spec, scene = _gen_spec_and_scene(rng, rng.choice(CATEGORIES))
+            caption = caption_for(spec, scene)
+            question, answer = short_question(rng, scene, "count")
+            yield {
+                "id": f"inter-{i:06d}",
+                "task": "interleaved",
+                "spec": spec.to_dict(),
+                "scene": scene.to_dict(),
+                "caption": caption,
+                "answer": answer,
+                "image": w.image(scene, f"images/interleaved/{i:06d}.png"),
+                "conversations": [
+                    {"from": "human", "value": generation_prompt(caption, rng)},
+                    {"from": "gpt", "value": "<image>"},
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+            bar.update()
+
+    def heldout() -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{seed}/heldout")
+        for i in range(n_heldout):
+            if i % 2 == 0:
+                colour, shape = HELD_OUT_PAIRS[(i // 2) % len(HELD_OUT_PAIRS)]
+                scene = sample_scene(rng, 1, fixed=[{"colour": colour, "shape": shape}])
+                spec = Spec("colors", [ObjectSpec(shape, colour)])
+            else:
+                shape = rng.choice(SHAPES)
+                scene = sample_scene(
+                    rng,
+                    HELD_OUT_COUNT,
+                    fixed=[{"shape": shape}] * HELD_OUT_COUNT,
+                    sizes=[s for s in SIZES if SIZES[s] <= 0.3],
+                )
+                spec = Spec("counting", [ObjectSpec(shape, count=HELD_OUT_COUNT)])
+            caption = caption_for(spec, scene)
+            yield {
+                "id": f"heldout-{i:06d}",
+                "task": "generation",
+                "category": spec.category,
+                "caption": caption,
+                "spec": spec.to_dict(),
+                "scene": scene.to_dict(),
+                "image": w.image(scene, f"images/heldout/{i:06d}.png"),
+                "conversations": [
+                    {"from": "human", "value": generation_prompt(caption, rng)},
+                    {"from": "gpt", "value": "<image>"},
+                ],
+            }
+            bar.update()
+
+    counts = {
+        "und": _jsonl(out / "und.jsonl", und()),
+        "gen": _jsonl(out / "gen.jsonl", gen()),
+        "edit": _jsonl(out / "edit.jsonl", edit()),
+        "interleaved": _jsonl(out / "interleaved.jsonl", interleaved()),
+        "heldout_gen": _jsonl(out / "heldout_gen.jsonl", heldout()),
+    }
+    bar.close()
+    meta = {
+        "world": "ShapesWorld",
+        "seed": seed,
+        "size": size,
+        "counts": counts,
+        "files": {name: f"{name}.jsonl" for name in counts},
+        "shapes": list(SHAPES),
+        "colours": list(COLOURS),
+        "sizes": list(SIZES),
+        "relations": list(RELATIONS),
+        "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
+        "held_out_count": HELD_OUT_COUNT,
+        "num_templates": len(ALL_TEMPLATES),
+        "training_files": ["und.jsonl", "gen.jsonl", "edit.jsonl"],
+        "eval_files": ["interleaved.jsonl", "heldout_gen.jsonl"],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta

@@ -1,0 +1,156 @@
+"""ShapesWorld datasets: determinism, format validity, held-out split, answers that match the scene."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from orion_mllm.cli import main
+from orion_mllm.data.check import check_jsonl
+from orion_mllm.data.shapes.datasets import (
+    HELD_OUT_COUNT,
+    HELD_OUT_PAIRS,
+    NUMBER_WORDS,
+    plural,
+    write_shapes_dataset,
+)
+from orion_mllm.data.shapes.scorer import CATEGORIES, Spec, detect_objects, judge
+from orion_mllm.data.shapes.world import SHAPES, Scene
+from orion_mllm.data.templates import COMMAND, POLITE, QUESTION
+from orion_mllm.images import load_image
+
+SMALL = {"n_und": 60, "n_gen": 60, "n_edit": 25, "n_interleaved": 10, "n_heldout": 10}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sw")
+    write_shapes_dataset(out, size=64, seed=3, progress=False, **SMALL)
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_gives_byte_identical_files(dataset, tmp_path):
+    write_shapes_dataset(tmp_path, size=64, seed=3, progress=False, **SMALL)
+    assert tree_digest(tmp_path) == tree_digest(dataset)
+    other = tmp_path / "other"
+    write_shapes_dataset(other, size=64, seed=4, progress=False, **SMALL)
+    assert (other / "gen.jsonl").read_bytes() != (dataset / "gen.jsonl").read_bytes()
+
+
+def test_every_file_passes_data_check(dataset):
+    meta = json.loads((dataset / "meta.json").read_text())
+    expected = {
+        "und.jsonl": "understanding",
+        "gen.jsonl": "generation",
+        "edit.jsonl": "editing",
+        "interleaved.jsonl": "generation",
+        "heldout_gen.jsonl": "generation",
+    }
+    for name, task in expected.items():
+        report = check_jsonl(dataset / name, decode=True)
+        assert report.ok, report.problems[:5]
+        assert report.tasks[task] == report.records == meta["counts"][name.removesuffix(".jsonl")]
+
+
+def test_held_out_combinations_never_in_training(dataset):
+    training = "\n".join((dataset / f).read_text() for f in ("und.jsonl", "gen.jsonl", "edit.jsonl")).lower()
+    for colour, shape in HELD_OUT_PAIRS:
+        assert f"{colour} {shape}" not in training
+        assert f'"colour": "{colour}", "shape": "{shape}"' not in training  # not even in a scene
+    assert f"{NUMBER_WORDS[HELD_OUT_COUNT]} " not in training.replace("four objects", "")
+    held = records(dataset / "heldout_gen.jsonl")
+    text = " ".join(r["caption"] for r in held)
+    assert any(f"{c} {s}" in text for c, s in HELD_OUT_PAIRS) and NUMBER_WORDS[HELD_OUT_COUNT] in text
+
+
+def test_generation_records_cover_categories_and_templates(dataset):
+    gen = records(dataset / "gen.jsonl")
+    assert {r["category"] for r in gen} == set(CATEGORIES)
+    assert len(POLITE) >= 10 and len(COMMAND) >= 10 and len(QUESTION) >= 10
+    for r in gen:
+        prompt = r["conversations"][0]["value"]
+        assert r["caption"] in prompt
+        # The stored image satisfies the stored spec, judged from pixels.
+        assert judge(Spec.from_dict(r["spec"]), load_image(dataset / r["image"]))
+
+
+def test_understanding_answers_match_the_pixels(dataset):
+    und = records(dataset / "und.jsonl")
+    kinds = {r["qtype"] for r in und}
+    assert {"caption", "mcq", "dialogue"} <= kinds and len(
+        kinds & {"colour", "shape", "count", "existence", "position"}
+    ) >= 4
+    for r in und:
+        scene = Scene.from_dict(r["scene"])
+        dets = detect_objects(load_image(dataset / r["image"]))
+        assert sorted((d.colour, d.shape) for d in dets) == sorted((o.colour, o.shape) for o in scene.objects)
+        for q, a in zip(r["conversations"][::2], r["conversations"][1::2], strict=True):
+            if m := re.match(r"(?:<image>\n)?How many (\w+) are there\?", q["value"]):
+                shape = {plural(s): s for s in SHAPES}[m.group(1)]
+                assert int(a["value"]) == sum(o.shape == shape for o in scene.objects)
+            if m := re.match(r"(?:<image>\n)?What colour is the (\w+)\?$", q["value"]):
+                assert (
+                    a["value"]
+                    == next(o.colour for o in scene.objects if o.shape == m.group(1)).capitalize() + "."
+                )
+        if r["qtype"] == "mcq":
+            assert r["answer"] in "ABCD" and len(r["options"]) == 4
+
+
+def test_edits_change_what_the_instruction_says(dataset):
+    for r in records(dataset / "edit.jsonl"):
+        src = [(o["colour"], o["shape"]) for o in r["source"]["objects"]]
+        tgt = [(o["colour"], o["shape"]) for o in r["scene"]["objects"]]
+        if r["op"] == "remove":
+            assert len(tgt) == len(src) - 1
+        elif r["op"] == "add":
+            assert len(tgt) == len(src) + 1 and tgt[:-1] == src
+        elif r["op"] == "recolour":
+            assert sum(a != b for a, b in zip(src, tgt, strict=True)) == 1
+        else:  # move / swap keep identities, change positions
+            assert tgt == src and r["source"] != r["scene"]
+
+
+def test_cli_writes_and_rejects_bad_size(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "data",
+                "shapes",
+                "--out",
+                str(tmp_path),
+                "--size",
+                "48",
+                "--n-und",
+                "3",
+                "--n-gen",
+                "6",
+                "--n-edit",
+                "5",
+                "--n-interleaved",
+                "1",
+                "--n-heldout",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gen"] == 6
+    assert main(["data", "shapes", "--out", str(tmp_path / "x"), "--size", "16"]) == 2
+    assert "32 to 512" in capsys.readouterr().err
