@@ -7,6 +7,8 @@
     orion presets                                                 list architecture presets
     orion data check FILE.jsonl [--image-root DIR] [--decode]     validate a conversation dataset
     orion data shapes --out DIR [--size 64] [--n-und N ...]       write the ShapesWorld datasets
+    orion eval shapes-gen --oracle --out DIR [--size 64]          oracle renders in GenEval layout, scored
+    orion eval shapes-score --images DIR                          score any GenEval-layout folder
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -123,6 +125,37 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_scores(scores: dict[str, float]) -> None:
+    from orion_mllm.data.shapes.scorer import CATEGORIES
+
+    for category in CATEGORIES:
+        if category in scores:
+            print(f"  {category:14s} {scores[category]:.4f}")
+    print(f"  {'overall':14s} {scores['overall']:.4f}  ({int(scores['samples'])} samples)")
+    print(json.dumps(scores))
+
+
+def _cmd_eval_shapes_gen(args: argparse.Namespace) -> int:
+    from orion_mllm.eval.shapes_gen import score_folder, write_oracle
+
+    if not args.oracle:
+        raise ValueError(
+            "model-based generation is not available yet (it comes with the inference engine); "
+            "use --oracle to write and score ground-truth renders, or score your own images with shapes-score"
+        )
+    n = write_oracle(args.out, size=args.size, seed=args.seed, samples=args.samples)
+    print(f"wrote {n} prompts with oracle renders to {args.out}")
+    _print_scores(score_folder(args.out))
+    return 0
+
+
+def _cmd_eval_shapes_score(args: argparse.Namespace) -> int:
+    from orion_mllm.eval.shapes_gen import score_folder
+
+    _print_scores(score_folder(args.images))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orion", description="ORION unified multimodal models on Qwen2.5-VL."
@@ -175,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-heldout", type=int, default=100, help="held-out composition prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_shapes)
+
+    evals = sub.add_parser("eval", help="benchmarks on ShapesWorld")
+    eval_sub = evals.add_subparsers(dest="eval_command", required=True)
+    p = eval_sub.add_parser("shapes-gen", help="GenEval-style prompt set in GenEval's layout, scored")
+    p.add_argument("--oracle", action="store_true", help="render the ground-truth scenes (scorer self-check)")
+    p.add_argument(
+        "--out", required=True, help="output folder (<out>/<index>/metadata.jsonl, samples/<k>.png)"
+    )
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--samples", type=int, default=1, help="images per prompt (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="prompt-set seed (default: 0, the fixed set)")
+    p.set_defaults(func=_cmd_eval_shapes_gen)
+    p = eval_sub.add_parser("shapes-score", help="score a GenEval-layout folder of images")
+    p.add_argument(
+        "--images", required=True, help="folder with <index>/metadata.jsonl and <index>/samples/*.png"
+    )
+    p.set_defaults(func=_cmd_eval_shapes_score)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)

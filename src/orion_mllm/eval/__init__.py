@@ -1,0 +1,1 @@
+"""Evaluation: ShapesWorld benchmarks (GenEval-style generation, understanding, editing)."""
