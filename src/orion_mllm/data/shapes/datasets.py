@@ -261,7 +261,10 @@ def edit_pair(rng: random.Random, op: str) -> tuple[Scene, Scene, str] | None:
     if op == "add":
         if len(objs) >= 4:
             return None
-        target = sample_scene(rng, len(objs) + 1, fixed=[o.to_dict() for o in objs])
+        try:
+            target = sample_scene(rng, len(objs) + 1, fixed=[o.to_dict() for o in objs], max_tries=20)
+        except RuntimeError:  # no room left for another object in this scene
+            return None
         new = target.objects[-1]
         instruction = f"Add {object_phrase(new)}."
     elif not unique:

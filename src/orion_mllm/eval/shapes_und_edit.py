@@ -1,0 +1,142 @@
+"""``shapes-und`` and ``shapes-edit`` scoring: model answers and edited images judged against the scene.
+
+Both take the records ``orion data shapes`` writes (``und.jsonl`` / ``edit.jsonl``) and a callable
+standing for the model, so any model (ours through the inference engine, or another one) can be
+scored the same way:
+
+- understanding: ``answer(image_path, conversation) -> str`` where ``conversation`` is the
+  LLaVA-form turns so far, ending with the question. Multiple choice uses MMBench's circular
+  evaluation: the question is asked once per rotation of the options, and counts as right only if
+  every rotation is answered with the letter of the correct option. Short answers are compared
+  after normalisation (case, punctuation, leading article). Captions are right when their first
+  sentence names exactly the scene's colour-shape pairs (with multiplicity). Dialogue turns are
+  asked with the gold history.
+- editing: ``edit(source_image_path, instruction) -> PIL image``. Right when the output's detected
+  objects are exactly the target scene's (colour, shape) multiset and every object that the
+  instruction does not let move sits within ``position_tolerance`` of its target centre (an added
+  object's position is free).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from orion_mllm.data.shapes.datasets import format_mcq
+from orion_mllm.data.shapes.scorer import detect_objects
+from orion_mllm.data.shapes.world import COLOURS, SHAPES, Scene
+
+AnswerFn = Callable[[Path, list[dict[str, str]]], str]
+EditFn = Callable[[Path, str], Image.Image]
+
+
+def normalise(text: str) -> str:
+    text = re.sub(r"[^a-z0-9 ]", " ", text.lower())
+    words = text.split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def mcq_letter(text: str) -> str | None:
+    """The option letter a free-form answer chose (MMBench-style extraction: a lone A-D)."""
+    match = re.search(r"\b([ABCD])\b", text.strip().upper())
+    return match.group(1) if match else None
+
+
+def caption_pairs(text: str) -> Counter:
+    """(colour, shape) pairs named in a caption."""
+    words = normalise(text).split()
+    pairs: Counter = Counter()
+    for i, word in enumerate(words[:-1]):
+        nxt = words[i + 1]
+        if word in COLOURS and nxt in SHAPES:
+            pairs[(word, nxt)] += 1
+        elif word in COLOURS and i + 2 < len(words) and words[i + 2] in SHAPES:  # "red small circle"
+            pairs[(word, words[i + 2])] += 1
+    return pairs
+
+
+def score_understanding(
+    records: Iterable[dict[str, Any]], root: str | Path, answer: AnswerFn
+) -> dict[str, float]:
+    """Accuracy per question type (``mcq`` circular, short answers, captions), ``overall`` = mean of types."""
+    root = Path(root)
+    hits: dict[str, list[bool]] = {}
+    for record in records:
+        image = root / record["image"]
+        turns = record["conversations"]
+        if record["qtype"] == "mcq":
+            question = turns[0]["value"].removeprefix("<image>\n").split("\nA. ")[0]
+            options = list(record["options"])
+            gold = options["ABCD".index(record["answer"])]
+            right = True
+            for shift in range(len(options)):
+                rotated = options[shift:] + options[:shift]
+                asked = [{"from": "human", "value": "<image>\n" + format_mcq(question, rotated)}]
+                right &= mcq_letter(answer(image, asked)) == "ABCD"[rotated.index(gold)]
+            hits.setdefault("mcq", []).append(right)
+            continue
+        if record["qtype"] == "caption":
+            # The first sentence lists the objects (the training format); later ones restate relations.
+            said = caption_pairs(answer(image, turns[:1]).split(".")[0])
+            scene = Scene.from_dict(record["scene"])
+            hits.setdefault("caption", []).append(said == Counter((o.colour, o.shape) for o in scene.objects))
+            continue
+        qtypes = record.get("qtypes", [record["qtype"]])
+        for k, qtype in enumerate(qtypes):
+            history = turns[: 2 * k + 1]
+            gold = turns[2 * k + 1]["value"]
+            hits.setdefault(qtype, []).append(normalise(answer(image, history)) == normalise(gold))
+    result = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    result["overall"] = sum(result.values()) / len(result) if result else 0.0
+    result["questions"] = sum(len(v) for v in hits.values())
+    return result
+
+
+def edit_correct(record: dict[str, Any], output: Image.Image, position_tolerance: float = 0.1) -> bool:
+    """Whether ``output`` shows the record's target scene (see module docstring)."""
+    target = Scene.from_dict(record["scene"])
+    dets = detect_objects(output)
+    if Counter((d.colour, d.shape) for d in dets) != Counter((o.colour, o.shape) for o in target.objects):
+        return False
+    free = {len(target.objects) - 1} if record["op"] == "add" else set()
+    for k, obj in enumerate(target.objects):
+        if k in free:
+            continue
+        near = [
+            d for d in dets
+            if (d.colour, d.shape) == (obj.colour, obj.shape)
+            and abs(d.cx - obj.x) <= position_tolerance and abs(d.cy - obj.y) <= position_tolerance
+        ]  # fmt: skip
+        if not near:
+            return False
+    return True
+
+
+def score_edits(records: Iterable[dict[str, Any]], root: str | Path, edit: EditFn) -> dict[str, float]:
+    """Accuracy per edit operation and ``overall`` (mean over operations)."""
+    root = Path(root)
+    hits: dict[str, list[bool]] = {}
+    for record in records:
+        output = edit(root / record["images"][0], record["instruction"])
+        hits.setdefault(record["op"], []).append(edit_correct(record, output))
+    result = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    result["overall"] = sum(result.values()) / len(result) if result else 0.0
+    result["edits"] = sum(len(v) for v in hits.values())
+    return result
+
+
+__all__ = [
+    "caption_pairs",
+    "edit_correct",
+    "mcq_letter",
+    "normalise",
+    "score_edits",
+    "score_understanding",
+]
