@@ -51,6 +51,17 @@ def _shift(img: Image.Image, dx: int = 2, dy: int = 2) -> Image.Image:
     return img.transform(img.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=(255, 255, 255))
 
 
+def _zoom(img: Image.Image, factor: float) -> Image.Image:
+    """Scale the content about the centre: objects come out slightly too small or too large."""
+    w, h = img.size
+    cx, cy = w / 2, h / 2
+    # Output pixel (x, y) samples input ((x - cx) / factor + cx, ...): an affine map with white fill.
+    coeffs = (1 / factor, 0, cx - cx / factor, 0, 1 / factor, cy - cy / factor)
+    return img.transform(
+        img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor="white"
+    )
+
+
 def _pairs(seed: int, n: int) -> list[tuple[Spec, Scene]]:
     rng = random.Random(seed)
     return [sample_spec_and_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(n)]
@@ -215,10 +226,16 @@ def test_blank_and_noise_images_rejected():
     assert hits / len(specs) <= 0.05
 
 
-@pytest.mark.parametrize("name", ["blur", "noise", "shift"])
+@pytest.mark.parametrize("name", ["blur", "noise", "shift", "smaller", "larger"])
 def test_robustness_64px(name):
     nrng = np.random.default_rng(1)
-    degrade = {"blur": _blur, "noise": lambda im: _noise(im, nrng), "shift": _shift}[name]
+    degrade = {
+        "blur": _blur,
+        "noise": lambda im: _noise(im, nrng),
+        "shift": _shift,
+        "smaller": lambda im: _zoom(im, 0.9),  # slightly wrong sizes, both ways
+        "larger": lambda im: _zoom(im, 1.06),
+    }[name]
     acc, per = _accuracy(_pairs(4, 1000), 64, degrade)
     assert acc >= 0.95, per
 
