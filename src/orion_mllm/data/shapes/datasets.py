@@ -340,6 +340,26 @@ def _jsonl(path: Path, records: Iterator[dict[str, Any]]) -> int:
     return n
 
 
+def _generation_record(
+    rng: random.Random, w: _Writer, split: str, i: int, spec: Spec, scene: Scene
+) -> dict[str, Any]:
+    """A text-to-image record: templated prompt in the user turn, the rendered scene as the target."""
+    caption = caption_for(spec, scene)
+    return {
+        "id": f"{split}-{i:06d}",
+        "task": "generation",
+        "category": spec.category,
+        "caption": caption,
+        "spec": spec.to_dict(),
+        "scene": scene.to_dict(),
+        "image": w.image(scene, f"images/{split}/{i:06d}.png"),
+        "conversations": [
+            {"from": "human", "value": generation_prompt(caption, rng)},
+            {"from": "gpt", "value": "<image>"},
+        ],
+    }
+
+
 def _gen_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
     return _resample(
         rng,
@@ -383,20 +403,7 @@ def write_shapes_dataset(
         for i in range(n_gen):
             category = CATEGORIES[i % len(CATEGORIES)]
             spec, scene = _gen_spec_and_scene(rng, category)
-            caption = caption_for(spec, scene)
-            yield {
-                "id": f"gen-{i:06d}",
-                "task": "generation",
-                "category": category,
-                "caption": caption,
-                "spec": spec.to_dict(),
-                "scene": scene.to_dict(),
-                "image": w.image(scene, f"images/gen/{i:06d}.png"),
-                "conversations": [
-                    {"from": "human", "value": generation_prompt(caption, rng)},
-                    {"from": "gpt", "value": "<image>"},
-                ],
-            }
+            yield _generation_record(rng, w, "gen", i, spec, scene)
             bar.update()
 
     def edit() -> Iterator[dict[str, Any]]:
@@ -464,20 +471,7 @@ def write_shapes_dataset(
                     sizes=[s for s in SIZES if SIZES[s] <= 0.3],
                 )
                 spec = Spec("counting", [ObjectSpec(shape, count=HELD_OUT_COUNT)])
-            caption = caption_for(spec, scene)
-            yield {
-                "id": f"heldout-{i:06d}",
-                "task": "generation",
-                "category": spec.category,
-                "caption": caption,
-                "spec": spec.to_dict(),
-                "scene": scene.to_dict(),
-                "image": w.image(scene, f"images/heldout/{i:06d}.png"),
-                "conversations": [
-                    {"from": "human", "value": generation_prompt(caption, rng)},
-                    {"from": "gpt", "value": "<image>"},
-                ],
-            }
+            yield _generation_record(rng, w, "heldout", i, spec, scene)
             bar.update()
 
     counts = {
