@@ -88,3 +88,34 @@ def test_check_cli_exit_codes(tmp_path, capsys):
     assert main(["data", "check", str(good)]) == 0
     assert main(["data", "check", str(tmp_path / "nope.jsonl")]) == 1
     assert "file not found" in capsys.readouterr().out
+
+
+def test_check_survives_odd_lines(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+    lines = [
+        "\ufeff" + good,  # a byte-order mark on line 1 is fine
+        json.dumps({"conversations": "hello"}),
+        json.dumps({"conversations": [1, 2]}),
+        json.dumps({"messages": 5}),
+        "5",
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"messages": "\xff"}\n')
+    report = check_jsonl(path)
+    assert report.records == 6
+    problems = "\n".join(report.problems)
+    assert ":2: record 2: 'conversations' must be a list" in problems
+    assert ":3: record 3: conversations[0] must be a dict" in problems
+    assert ":4: record 4: 'messages' must be a list" in problems
+    assert ":5: record 5: expected a list of messages or a dict" in problems
+    assert ":6: not UTF-8" in problems
+    assert report.to_dict()["valid_records"] == 1
+
+
+def test_check_empty_file_is_a_problem(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    report = check_jsonl(path)
+    assert not report.ok and "no records" in report.problems[0]

@@ -154,3 +154,28 @@ def test_cli_writes_and_rejects_bad_size(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gen"] == 6
     assert main(["data", "shapes", "--out", str(tmp_path / "x"), "--size", "16"]) == 2
     assert "32 to 512" in capsys.readouterr().err
+
+
+def test_questions_are_unambiguous(dataset):
+    from orion_mllm.data.shapes.world import relation_holds
+
+    for r in records(dataset / "und.jsonl"):
+        scene = Scene.from_dict(r["scene"])
+        asked = [t["value"] for t in r["conversations"][::2]]
+        assert len(set(asked)) == len(asked) or r["qtypes"].count("count") == len(asked)
+        for q, a in zip(asked, r["conversations"][1::2], strict=True):
+            if m := re.search(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", q):
+                obj = {(o.colour, o.shape): o for o in scene.objects}
+                rel = a["value"].rstrip(".").lower()
+                assert relation_holds(obj[m.group(1), m.group(2)], obj[m.group(3), m.group(4)], rel)
+    for r in records(dataset / "interleaved.jsonl"):
+        named = {o["shape"] for o in r["spec"]["objects"]}
+        shape = {plural(s): s for s in SHAPES}[
+            re.match(r"How many (\w+)", r["conversations"][2]["value"]).group(1)
+        ]
+        assert shape in named or r["answer"] == "0"
+
+
+def test_negative_counts_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="n_edit=-1"):
+        write_shapes_dataset(tmp_path, n_edit=-1, progress=False)

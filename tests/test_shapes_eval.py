@@ -60,3 +60,15 @@ def test_score_folder_errors_name_the_problem(tmp_path):
 def test_without_oracle_the_cli_says_what_is_missing(tmp_path, capsys):
     assert main(["eval", "shapes-gen", "--out", str(Path(tmp_path))]) == 2
     assert "use --oracle" in capsys.readouterr().err
+
+
+def test_geneval_two_object_tag_and_bad_metadata():
+    spec = spec_from_metadata(
+        {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "star", "count": 1}]}
+    )
+    assert spec.category == "two_objects"
+    assert prompt_set()[92].metadata()["tag"] == "two_object"
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        spec_from_metadata(5)
+    with pytest.raises(ValueError, match="cannot read a GenEval spec"):
+        spec_from_metadata({"spec": {}})

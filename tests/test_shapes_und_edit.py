@@ -85,3 +85,31 @@ def test_edit_scoring_oracle_identity_and_wrong(data):
 
 def by_src(records: list[dict], root: Path, src: Path) -> dict:
     return next(r for r in records if root / r["images"][0] == src)
+
+
+def test_mcq_letter_ignores_articles():
+    assert mcq_letter("I think it is a red one, so B") == "B"
+    assert mcq_letter("(C) green") == "C"
+    assert mcq_letter("D") == "D"
+
+
+def test_move_edits_are_judged_by_direction(data):
+    from orion_mllm.data.shapes.world import ShapeObject, fits_in_scene
+    from orion_mllm.eval.shapes_und_edit import edit_correct
+
+    checked = 0
+    moves = [r for r in load(data / "edit.jsonl") if r["op"] == "move"]
+    assert moves
+    for r in moves:
+        source, target = Scene.from_dict(r["source"]), Scene.from_dict(r["scene"])
+        k = next(i for i, (a, b) in enumerate(zip(source.objects, target.objects, strict=True)) if a != b)
+        a, b = source.objects[k], target.objects[k]
+        # Three quarters of the way: right direction, not at the exact edge spot.
+        part = ShapeObject(b.shape, b.colour, b.size, a.x + 0.75 * (b.x - a.x), a.y + 0.75 * (b.y - a.y))
+        partial = Scene(tuple(part if i == k else o for i, o in enumerate(source.objects)))
+        if fits_in_scene(part, [o for i, o in enumerate(source.objects) if i != k]):  # else it would collide
+            assert edit_correct(r, render_scene(partial, 64))
+            checked += 1
+        assert edit_correct(r, render_scene(target, 64))
+        assert not edit_correct(r, render_scene(source, 64))
+    assert checked >= 1

@@ -145,15 +145,25 @@ def _parts_from_list(content: list[Any], where: str) -> list[TextPart | ImagePar
     return parts
 
 
+def _turn_list(value: Any, field_name: str, where: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise ConversationError(f"{where}: '{field_name}' must be a list, got {type(value).__name__}")
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise ConversationError(f"{where}: {field_name}[{i}] must be a dict, got {type(turn).__name__}")
+    return value
+
+
 def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
     """Normalise any accepted record shape into ``Message`` objects, checking roles and images."""
     where = f"record {record_id}" if record_id else "conversation"
     images: list[ImageLike] = []
     if isinstance(record, dict):
         if "conversations" in record:
-            raw = [{"role": m.get("from"), "content": m.get("value")} for m in record["conversations"]]
+            turns = _turn_list(record["conversations"], "conversations", where)
+            raw = [{"role": m.get("from"), "content": m.get("value")} for m in turns]
         elif "messages" in record:
-            raw = list(record["messages"])
+            raw = _turn_list(record["messages"], "messages", where)
         else:
             raise ConversationError(f"{where}: expected a 'messages' or 'conversations' field")
         found = record.get("images", record.get("image")) or []  # null columns in mixed JSONL

@@ -44,7 +44,7 @@ class CheckReport:
         return {
             "path": self.path,
             "records": self.records,
-            "valid_records": self.records - len(self.bad_lines),
+            "valid_records": self.records - len(self.bad_lines - {0}),
             "tasks": {t: self.tasks.get(t, 0) for t in TASKS},
             "images": self.images,
             "problems": len(self.problems),
@@ -74,12 +74,17 @@ def check_jsonl(
         report.add(0, f"{path}:0: file not found")
         return report
     root = Path(image_root) if image_root is not None else path.parent
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # bytes: one undecodable line must not hide the others
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             report.records += 1
             where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                report.add(lineno, f"{where}: not UTF-8 ({err.reason} at byte {err.start})")
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -88,7 +93,11 @@ def check_jsonl(
             record_id = str(record.get("id", lineno)) if isinstance(record, dict) else str(lineno)
             try:
                 messages = parse_conversation(record, record_id=record_id)
-            except ConversationError as err:
+            except (
+                ConversationError,
+                TypeError,
+                AttributeError,
+            ) as err:  # the latter: shapes we did not foresee
                 report.add(lineno, f"{where}: {err}")
                 continue
             if not any(m.role == "assistant" for m in messages):
@@ -108,4 +117,6 @@ def check_jsonl(
                         load_image(image_path)
                     except ImageLoadError as err:
                         report.add(lineno, f"{where}: record {record_id}: image {k}: {err}")
+    if report.records == 0:
+        report.add(0, f"{path}: no records")
     return report

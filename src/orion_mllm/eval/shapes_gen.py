@@ -30,6 +30,9 @@ from orion_mllm.data.shapes.scorer import CATEGORIES, ObjectSpec, Spec, judge, s
 from orion_mllm.data.shapes.world import Scene
 from orion_mllm.images import ImageLoadError, load_image
 
+# GenEval spells one tag differently from our category name.
+GENEVAL_TAGS = {"two_objects": "two_object"}
+FROM_GENEVAL_TAG = {v: k for k, v in GENEVAL_TAGS.items()}
 PROMPTS_PER_CATEGORY = 92  # 6 x 92 = 552 prompts (GenEval has 553)
 
 
@@ -55,7 +58,7 @@ class GenPrompt:
             # GenEval: include[a]["position"] = [relation, b] means object a is `relation` object b.
             include[a]["position"] = [rel, b]
         meta = {
-            "tag": self.spec.category,
+            "tag": GENEVAL_TAGS.get(self.spec.category, self.spec.category),
             "include": include,
             "prompt": self.prompt,
             "spec": self.spec.to_dict(),
@@ -79,22 +82,26 @@ def prompt_set(seed: int = 0, per_category: int = PROMPTS_PER_CATEGORY) -> list[
 
 def spec_from_metadata(meta: dict[str, Any], where: str = "metadata") -> Spec:
     """Our ``spec`` when present, else GenEval's ``tag`` + ``include`` converted."""
-    if "spec" in meta:
-        return Spec.from_dict(meta["spec"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(meta).__name__}")
     try:
+        if "spec" in meta:
+            return Spec.from_dict(meta["spec"])
         objects = [ObjectSpec(i["class"], i.get("color"), int(i.get("count", 1))) for i in meta["include"]]
         relation = None
         for a, item in enumerate(meta["include"]):
             if "position" in item:
                 rel, b = item["position"]
                 relation = (a, rel, int(b))
-        return Spec(meta["tag"], objects, relation)
-    except (KeyError, TypeError, ValueError) as err:
+        return Spec(FROM_GENEVAL_TAG.get(meta["tag"], meta["tag"]), objects, relation)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{where}: cannot read a GenEval spec ({err})") from err
 
 
 def write_oracle(outdir: str | Path, *, size: int = 64, seed: int = 0, samples: int = 1) -> int:
     """Write the prompt set with ground-truth renders in GenEval's layout; returns the prompt count."""
+    if samples < 1:
+        raise ValueError(f"samples={samples}: need at least one image per prompt")
     outdir = Path(outdir)
     prompts = prompt_set(seed)
     for p in tqdm(prompts, desc="oracle renders"):

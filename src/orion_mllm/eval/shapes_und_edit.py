@@ -44,8 +44,13 @@ def normalise(text: str) -> str:
 
 
 def mcq_letter(text: str) -> str | None:
-    """The option letter a free-form answer chose (MMBench-style extraction: a lone A-D)."""
-    match = re.search(r"\b([ABCD])\b", text.strip().upper())
+    """The option letter a free-form answer chose (MMBench-style extraction).
+
+    A leading letter ("B", "B.", "(B) red") wins; otherwise a lone capital A-D anywhere. Case is kept,
+    so the article "a" in "it is a red one" is not read as option A.
+    """
+    text = text.strip()
+    match = re.match(r"^\(?([ABCD])(?:[).:\s]|$)", text) or re.search(r"\b([ABCD])\b", text)
     return match.group(1) if match else None
 
 
@@ -106,6 +111,13 @@ def edit_correct(record: dict[str, Any], output: Image.Image, position_tolerance
     if Counter((d.colour, d.shape) for d in dets) != Counter((o.colour, o.shape) for o in target.objects):
         return False
     free = {len(target.objects) - 1} if record["op"] == "add" else set()
+    if record["op"] == "move":
+        # "Move X to the left" is right if X went clearly that way; the exact edge spot is not required.
+        source = Scene.from_dict(record["source"])
+        k = next(i for i, (a, b) in enumerate(zip(source.objects, target.objects, strict=True)) if a != b)
+        if not _moved_towards(source.objects[k], target.objects[k], dets, position_tolerance):
+            return False
+        free.add(k)
     for k, obj in enumerate(target.objects):
         if k in free:
             continue
@@ -117,6 +129,22 @@ def edit_correct(record: dict[str, Any], output: Image.Image, position_tolerance
         if not near:
             return False
     return True
+
+
+def _moved_towards(before, after, dets, tolerance: float) -> bool:
+    """Some detection of the object moved at least half the way along the instructed axis, not off it."""
+    dx, dy = after.x - before.x, after.y - before.y
+    for d in dets:
+        if (d.colour, d.shape) != (after.colour, after.shape):
+            continue
+        mx, my = d.cx - before.x, d.cy - before.y
+        if abs(dx) >= abs(dy):
+            ok = mx * dx > 0 and abs(mx) >= abs(dx) / 2 and abs(d.cy - after.y) <= tolerance
+        else:
+            ok = my * dy > 0 and abs(my) >= abs(dy) / 2 and abs(d.cx - after.x) <= tolerance
+        if ok:
+            return True
+    return False
 
 
 def score_edits(records: Iterable[dict[str, Any]], root: str | Path, edit: EditFn) -> dict[str, float]:

@@ -42,6 +42,7 @@ from orion_mllm.data.shapes.world import (
     Scene,
     ShapeObject,
     fits_in_scene,
+    relation_holds,
     sample_scene,
 )
 from orion_mllm.data.templates import ALL_TEMPLATES, generation_prompt
@@ -92,9 +93,16 @@ def describe_scene(scene: Scene) -> str:
     text = text[0].upper() + text[1:] + "."
     if len(scene.objects) == 2:
         a, b = scene.objects
-        rel = horizontal_or_vertical(a, b)
-        text += f" The {a.colour} {a.shape} is {rel} the {b.colour} {b.shape}."
+        rel = clear_relation(a, b)
+        if rel is not None and (a.colour, a.shape) != (b.colour, b.shape):
+            text += f" The {a.colour} {a.shape} is {rel} the {b.colour} {b.shape}."
     return text
+
+
+def clear_relation(a: ShapeObject, b: ShapeObject) -> str | None:
+    """The relation of a to b when it is unambiguous (one axis clearly dominates), else None."""
+    rel = horizontal_or_vertical(a, b)
+    return rel if relation_holds(a, b, rel) else None
 
 
 def horizontal_or_vertical(a: ShapeObject, b: ShapeObject) -> str:
@@ -160,7 +168,9 @@ def short_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, s
         if len(cands) < 2:
             return None
         a, b = rng.sample(cands, 2)
-        rel = horizontal_or_vertical(a, b)
+        rel = clear_relation(a, b)
+        if rel is None:  # diagonal neighbours: "left of" and "above" would both be right
+            return None
         return (
             f"Where is the {a.colour} {a.shape} relative to the {b.colour} {b.shape}? "
             "Answer left of, right of, above or below.",
@@ -175,7 +185,9 @@ def multiple_choice(rng: random.Random, scene: Scene) -> tuple[str, list[str], s
     if not cands:
         return None
     o = rng.choice(cands)
-    options = [o.colour, *rng.sample([c for c in COLOURS if c != o.colour], 3)]
+    # Distractors never pair a held-out colour with this shape, not even as a wrong option.
+    distractors = [c for c in COLOURS if c != o.colour and (c, o.shape) not in HELD_OUT_PAIRS]
+    options = [o.colour, *rng.sample(distractors, 3)]
     rng.shuffle(options)
     return f"What colour is the {o.shape}?", options, "ABCD"[options.index(o.colour)]
 
@@ -216,12 +228,12 @@ def understanding_record(rng: random.Random, scene: Scene, image: str, index: in
     turns = 1 if kind != "dialogue" else rng.randint(2, 3)
     conversations, qtypes, answers = [], [], []
     for t in range(turns):
-        for _ in range(10):
+        for _ in range(20):
             qtype = rng.choice(QUESTION_TYPES)
             qa = short_question(rng, scene, qtype)
-            if qa is not None:
+            if qa is not None and all(qa[0] not in turn["value"] for turn in conversations[::2]):
                 break
-        else:  # every scene supports count questions
+        else:  # every scene supports count questions (repeats are rare and harmless here)
             qtype, qa = "count", short_question(rng, scene, "count")
         question, answer = qa
         conversations += [
@@ -281,12 +293,15 @@ def edit_pair(rng: random.Random, op: str) -> tuple[Scene, Scene, str] | None:
         o = rng.choice(unique)
         direction = rng.choice(("left", "right", "top", "bottom"))
         half_w, half_h = o.half_extent
-        coord = {
-            "left": 0.05 + half_w + 0.01,
-            "right": 0.95 - half_w - 0.01,
-            "top": 0.05 + half_h + 0.01,
-            "bottom": 0.95 - half_h - 0.01,
-        }[direction]
+        coord = round(
+            {
+                "left": 0.05 + half_w + 0.01,
+                "right": 0.95 - half_w - 0.01,
+                "top": 0.05 + half_h + 0.01,
+                "bottom": 0.95 - half_h - 0.01,
+            }[direction],
+            4,
+        )
         moved = ShapeObject(
             o.shape,
             o.colour,
@@ -384,6 +399,10 @@ def write_shapes_dataset(
     """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``."""
     if not 32 <= size <= 512:
         raise ValueError(f"size={size}: ShapesWorld renders 32 to 512 px")
+    for name, n in (("n_und", n_und), ("n_gen", n_gen), ("n_edit", n_edit), ("n_interleaved", n_interleaved),
+                    ("n_heldout", n_heldout)):  # fmt: skip
+        if n < 0:
+            raise ValueError(f"{name}={n}: counts must be >= 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     w = _Writer(out, size)
@@ -437,7 +456,14 @@ def write_shapes_dataset(
         for i in range(n_interleaved):
             spec, scene = _gen_spec_and_scene(rng, rng.choice(CATEGORIES))
             caption = caption_for(spec, scene)
-            question, answer = short_question(rng, scene, "count")
+            # Ask only about what the prompt names, or about a shape it does not (answer 0): a
+            # counting scene's unnamed distractor is not something the model was asked to draw.
+            named = [o.shape for o in spec.objects]
+            shape = rng.choice(
+                [*named, rng.choice([s for s in SHAPES if s not in {x.shape for x in scene.objects}])]
+            )
+            question = f"How many {plural(shape)} are there?"
+            answer = str(sum(o.shape == shape for o in scene.objects))
             yield {
                 "id": f"inter-{i:06d}",
                 "task": "interleaved",
