@@ -1,0 +1,1 @@
+"""Training: stage recipes. The trainer, data pipeline, FSDP2 and checkpointing are still to come."""

@@ -1,0 +1,209 @@
+"""Training recipes: one YAML file per stage, validated strictly, overridable from the command line.
+
+A recipe says *what* a stage trains (which parameters, which losses and weights, the optimizer and
+schedule, resolutions, the data mixture); the model architecture comes from the model it starts
+from. Validation is strict: an unknown key, a wrong type or a value out of range is an error that
+names the key (``optim.max_lr: Input should be greater than 0``). Overrides use dotted keys:
+``load_recipe(path, ["optim.max_lr=2e-4", "train.max_steps=10"])``; values are parsed as YAML.
+
+Stage rules enforced here (paper 3.3.2, Table 1): the vision tower and merger stay frozen in the
+ORION stages (warmup, pretrain, sft); warm-up trains the head only with MSE only; pretrain and SFT
+train LLM + head. ``base`` is the understanding-only pretraining of the small presets' base VLM.
+
+This module only loads and checks recipes; the trainer that runs them is separate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Stage = Literal["base", "warmup", "pretrain", "sft"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class ModelSection(_Strict):
+    # Where the weights start: 'preset:NAME', a Qwen2.5-VL or ORION directory, or 'previous'
+    # (the previous stage's output).
+    init: str
+    head: Literal["linear", "mlp", "qformer", "layer_mix"] = "mlp"
+    mlp_ratio: int = Field(8, ge=1)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+
+class Trainable(_Strict):
+    vision_tower: bool = False
+    llm: bool
+    head: bool
+
+
+class LossSection(_Strict):
+    ce: float = Field(ge=0)
+    mse: float = Field(ge=0)
+    kl: float = Field(ge=0)
+
+
+class OptimSection(_Strict):
+    max_lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    scheduler: Literal["constant", "cosine"]
+    warmup_ratio: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-15, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> OptimSection:
+        if self.min_lr > self.max_lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed max_lr ({self.max_lr})")
+        if self.scheduler == "constant" and self.min_lr != self.max_lr:
+            raise ValueError("a constant schedule needs min_lr == max_lr")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        return self
+
+
+class TrainSection(_Strict):
+    epochs: float = Field(gt=0)
+    global_batch_size: int = Field(gt=0, description="samples per optimizer step, all devices together")
+    micro_batch_size: int = Field(gt=0, description="samples per device per forward")
+    max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps (smoke runs)")
+    seed: int = 0
+
+
+class ResolutionSection(_Strict):
+    gen_min_long_side: int = Field(gt=0)
+    gen_max_long_side: int = Field(gt=0)
+    und_min_long_side: int | None = Field(None, gt=0)
+    und_max_long_side: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ResolutionSection:
+        if self.gen_min_long_side > self.gen_max_long_side:
+            raise ValueError("gen_min_long_side must not exceed gen_max_long_side")
+        if (self.und_min_long_side is None) != (self.und_max_long_side is None):
+            raise ValueError("give both und_min_long_side and und_max_long_side, or neither")
+        if self.und_min_long_side is not None and self.und_min_long_side > self.und_max_long_side:
+            raise ValueError("und_min_long_side must not exceed und_max_long_side")
+        return self
+
+
+class DatasetEntry(_Strict):
+    name: str
+    path: str = Field(description="a .jsonl file, a caption list (.txt/.jsonl) or a webdataset shard pattern")
+    format: Literal["conversations", "captions", "webdataset"] = "conversations"
+    task: Literal["understanding", "generation", "editing", "mixed"]
+    weight: float = Field(gt=0, description="relative sampling weight within the mixture")
+    image_root: str | None = None
+
+
+class CheckpointSection(_Strict):
+    every: int = Field(500, gt=0)
+    keep: int = Field(2, gt=0)
+
+
+class Recipe(_Strict):
+    stage: Stage
+    description: str = ""
+    model: ModelSection
+    teacher: str | None = Field(
+        None, description="KL teacher: the original base model (default: the stage-1 start)"
+    )
+    trainable: Trainable
+    loss: LossSection
+    optim: OptimSection
+    train: TrainSection
+    resolution: ResolutionSection
+    data_root: str | None = None
+    data: list[DatasetEntry] = Field(min_length=1)
+    checkpoint: CheckpointSection = CheckpointSection()
+
+    @model_validator(mode="after")
+    def _stage_rules(self) -> Recipe:
+        t, loss = self.trainable, self.loss
+        if self.stage != "base" and t.vision_tower:
+            raise ValueError(f"stage {self.stage}: the vision tower stays frozen in ORION stages")
+        if self.stage == "warmup" and (t.llm or not t.head or loss.ce or loss.kl):
+            raise ValueError("stage warmup trains the head only with MSE only (trainable.llm=false, ce=kl=0)")
+        if self.stage in ("pretrain", "sft") and not (t.llm and t.head):
+            raise ValueError(f"stage {self.stage} trains LLM + head (trainable.llm and trainable.head true)")
+        if self.stage == "base" and (t.head or loss.mse or loss.kl):
+            raise ValueError("stage base is understanding-only: no head, mse=kl=0")
+        if loss.ce + loss.mse + loss.kl == 0:
+            raise ValueError("at least one loss weight must be > 0")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError("train.global_batch_size must be a multiple of train.micro_batch_size")
+        return self
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not validate; the message names file and keys."""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries (value parsed as YAML) in a nested dict; returns a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r}: expected key.sub=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"{where}: {_format_errors(err)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from None
+    if overrides:
+        data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
+    return parse_recipe(data, str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe, as saved in a run directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
