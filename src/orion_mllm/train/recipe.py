@@ -110,6 +110,15 @@ class CheckpointSection(_Strict):
     keep: int = Field(2, gt=0)
 
 
+class AnomalySection(_Strict):
+    """Step skipping (``train/anomaly.py``): NaN/Inf or a gradient-norm spike; abort after a run of them."""
+
+    spike_factor: float = Field(10.0, gt=1)
+    window: int = Field(200, gt=0)
+    min_history: int = Field(20, gt=0)
+    max_consecutive: int = Field(5, gt=0)
+
+
 class Recipe(_Strict):
     stage: Stage
     description: str = ""
@@ -125,6 +134,7 @@ class Recipe(_Strict):
     data_root: str | None = None
     data: list[DatasetEntry] = Field(min_length=1)
     checkpoint: CheckpointSection = CheckpointSection()
+    anomaly: AnomalySection = AnomalySection()
 
     @model_validator(mode="after")
     def _stage_rules(self) -> Recipe:
