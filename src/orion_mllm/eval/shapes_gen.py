@@ -26,7 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from orion_mllm.data.shapes.render import render_scene
-from orion_mllm.data.shapes.scorer import CATEGORIES, ObjectSpec, Spec, judge, sample_spec_and_scene
+from orion_mllm.data.shapes.scorer import CATEGORIES, ObjectSpec, Spec, sample_spec_and_scene, score_images
 from orion_mllm.data.shapes.world import Scene
 from orion_mllm.images import ImageLoadError, load_image
 
@@ -140,14 +140,14 @@ def iter_layout(outdir: str | Path) -> Iterator[tuple[Spec, Path]]:
 
 def score_folder(outdir: str | Path, *, progress: bool = True) -> dict[str, float]:
     """Per-category accuracy and ``overall`` (mean of categories) for a GenEval-layout folder."""
-    hits: dict[str, list[bool]] = {}
-    for spec, path in tqdm(list(iter_layout(outdir)), desc="scoring", disable=not progress):
-        try:
-            image = load_image(path)
-        except ImageLoadError as err:
-            raise ValueError(str(err)) from err
-        hits.setdefault(spec.category, []).append(judge(spec, image))
-    result = {c: sum(hits[c]) / len(hits[c]) for c in CATEGORIES if c in hits}
-    result["overall"] = sum(result.values()) / len(result)
-    result["samples"] = sum(len(v) for v in hits.values())
+
+    def pairs():
+        for spec, path in tqdm(list(iter_layout(outdir)), desc="scoring", disable=not progress):
+            try:
+                yield spec, load_image(path)
+            except ImageLoadError as err:
+                raise ValueError(str(err)) from err
+
+    result = score_images(pairs())  # the scorer's own per-category / overall rule
+    result["samples"] = int(result.pop("n"))
     return result

@@ -98,9 +98,14 @@ def score_understanding(
             history = turns[: 2 * k + 1]
             gold = turns[2 * k + 1]["value"]
             hits.setdefault(qtype, []).append(normalise(answer(image, history)) == normalise(gold))
+    return _accuracy_by_group(hits, "questions")
+
+
+def _accuracy_by_group(hits: dict[str, list[bool]], count_key: str) -> dict[str, float]:
+    """Accuracy per group, ``overall`` = mean of the groups, and the number of items under ``count_key``."""
     result = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     result["overall"] = sum(result.values()) / len(result) if result else 0.0
-    result["questions"] = sum(len(v) for v in hits.values())
+    result[count_key] = sum(len(v) for v in hits.values())
     return result
 
 
@@ -154,10 +159,7 @@ def score_edits(records: Iterable[dict[str, Any]], root: str | Path, edit: EditF
     for record in records:
         output = edit(root / record["images"][0], record["instruction"])
         hits.setdefault(record["op"], []).append(edit_correct(record, output))
-    result = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    result["overall"] = sum(result.values()) / len(result) if result else 0.0
-    result["edits"] = sum(len(v) for v in hits.values())
-    return result
+    return _accuracy_by_group(hits, "edits")
 
 
 __all__ = [
