@@ -9,6 +9,7 @@
     orion data shapes --out DIR [--size 64] [--n-und N ...]       write the ShapesWorld datasets
     orion eval shapes-gen --oracle --out DIR [--size 64]          oracle renders in GenEval layout, scored
     orion eval shapes-score --images DIR                          score any GenEval-layout folder
+    orion train RECIPE.yaml [--output DIR] [--nproc N] [key=value ...]   one training stage (resumes)
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -156,6 +157,58 @@ def _cmd_eval_shapes_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from orion_mllm.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any process is spawned
+    output = args.output or str(_default_output(args.recipe))
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # The same command under torchrun: FSDP2 over N local processes (gloo on CPU, NCCL on GPU).
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "orion_mllm.cli",
+            "train",
+            args.recipe,
+            "--output",
+            output,
+            *args.overrides,
+        ]
+        if args.debug:
+            cmd.insert(cmd.index("train"), "--debug")
+        return subprocess.call(cmd)
+    from orion_mllm.train.trainer import Trainer
+
+    result = Trainer(recipe, output, recipe_path=str(args.recipe)).run()
+    if result.run_dir and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(result.run_dir),
+                    "final_model": str(result.final_model),
+                    "steps": result.steps,
+                    "skipped_steps": result.skipped_steps,
+                    "skipped_samples": result.skipped_samples,
+                    "last": {k: result.last_metrics.get(k) for k in ("loss", "ce", "mse", "kl")},
+                }
+            )
+        )
+    return 0
+
+
+def _default_output(recipe: str):
+    from orion_mllm.train.trainer import default_output_dir
+
+    return default_output_dir(recipe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orion", description="ORION unified multimodal models on Qwen2.5-VL."
@@ -226,17 +279,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_eval_shapes_score)
 
+    p = sub.add_parser(
+        "train",
+        help="run one training stage from a recipe (re-running the command resumes)",
+        description="Train one stage. Overrides are dotted keys, e.g. train.max_steps=20 checkpoint.every=10 "
+        "data_root=DIR model.init=DIR teacher=DIR; max_steps=N is short for train.max_steps=N.",
+    )
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/shapes/micro/stage1_warmup.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    p.add_argument("--output", help="run directory (default: runs/<recipe folder>/<recipe name>)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (FSDP2 via torchrun)")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or data, reported in one line rather than a traceback."""
+    from orion_mllm.train.anomaly import TrainingDiverged
+    from orion_mllm.train.trainer import DataQualityError
+
+    return (ValueError, FileNotFoundError, OSError, TrainingDiverged, DataQualityError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`orion train R.yaml --output D key=value`): argparse leaves those
+    # unmatched, so take the key=value ones back here and reject anything else as usual.
+    if extra and args.command == "train" and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        if args.debug:
+    except Exception as err:
+        if args.debug or not isinstance(err, _user_errors()):
             raise
         print(f"orion {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -439,12 +439,26 @@ class Batch:
     visual_positions: torch.Tensor  # [K, 2] (row, position)
     visual_target_index: torch.Tensor  # [K] into visual_tokens
     mm_token_type_ids: torch.Tensor  # [B, S]
+    # Several conversations per row (``collate_packed``): the model then passes no attention mask and
+    # transformers separates the samples by where the text row of position_ids restarts.
+    packed: bool = False
 
     @property
     def visual_targets(self) -> torch.Tensor:
         if self.visual_tokens is None:
             raise RuntimeError("batch has no visual tokens attached")
         return self.visual_tokens[self.visual_target_index]
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens that belong to a conversation (not padding)."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def padding_share(self) -> float:
+        """Fraction of the batch's [B, S] slots that are padding."""
+        total = self.attention_mask.numel()
+        return 1.0 - self.num_real_tokens / total if total else 0.0
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -495,4 +509,107 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
         visual_positions=torch.cat(vis_pos).long(),
         visual_target_index=torch.cat(vis_idx).long(),
         mm_token_type_ids=mm_types,
+    )
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group indices into bins whose lengths sum to at most ``budget`` (first-fit decreasing).
+
+    Longest first (ties by index, so the result is deterministic); each goes into the first bin with
+    room, else opens a new one. A length over the budget is an error: filter those out (and count
+    them as skipped) before packing.
+    """
+    if budget <= 0:
+        raise ValueError(f"packing budget must be positive, got {budget}")
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"sample {i} has negative length {n}")
+        if n > budget:
+            raise ValueError(f"sample {i} has length {n} > packing budget {budget}; filter it out first")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, left in enumerate(room):
+            if n <= left:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return bins
+
+
+def collate_packed(
+    bins: Sequence[Sequence[EncodedConversation]], pad_token_id: int, budget: int | None = None
+) -> Batch:
+    """Pack each bin of conversations into one row, right-padded to ``budget`` (or the longest row).
+
+    No cross-contamination: every sample keeps its own position_ids (all four rows restart at its
+    start), so the text row tells transformers where samples begin and it attends block-diagonally
+    (``Batch.packed`` makes the model pass no attention mask). Padding restarts its text positions
+    too, forming a segment of its own that no real token sees. ``attention_mask`` marks real tokens
+    (1) vs padding (0); it is for counting only. Visual lists are concatenated row-major, sample by
+    sample, which is the order the ``<|image_pad|>`` tokens appear in the flattened ``input_ids``.
+    """
+    if not bins or any(len(b) == 0 for b in bins):
+        raise ValueError("collate_packed needs at least one bin and no empty bins")
+    row_lengths = [sum(len(x) for x in b) for b in bins]
+    width = max(row_lengths) if budget is None else budget
+    for row, n in enumerate(row_lengths):
+        if n > width:
+            raise ValueError(f"bin {row} holds {n} tokens > packing budget {width}")
+    bsz = len(bins)
+    input_ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((bsz, width), dtype=torch.long)
+    mm_types = torch.zeros((bsz, width), dtype=torch.int)
+    position_ids = torch.zeros((4, bsz, width), dtype=torch.long)
+    vis_pos, vis_idx, tokens, pixels, grids = [], [], [], [], []
+    token_offset = 0
+    for row, items in enumerate(bins):
+        offset = 0
+        for item in items:
+            n = len(item)
+            end = offset + n
+            input_ids[row, offset:end] = item.input_ids
+            labels[row, offset:end] = item.labels
+            # labels are unshifted: labels[offset] would be predicted by the previous sample's last
+            # hidden state. Alone, a sample's first label is never used (the shift drops it); same here.
+            if n:
+                labels[row, offset] = IGNORE_INDEX
+            attention[row, offset:end] = 1
+            mm_types[row, offset:end] = item.mm_token_type_ids
+            position_ids[:, row, offset:end] = item.position_ids
+            rows = torch.full_like(item.visual_positions, row)
+            vis_pos.append(torch.stack([rows, item.visual_positions + offset], dim=1))
+            vis_idx.append(item.visual_target_index + token_offset)
+            token_offset += int(item.image_num_tokens.sum())
+            if item.pixel_values is not None:
+                pixels.append(item.pixel_values)
+                grids.append(item.image_grid_thw)
+            if item.visual_tokens is not None:
+                tokens.append(item.visual_tokens)
+            offset = end
+        # Padding restarts at 0: its own segment (a jump in the text row), never attended by real tokens.
+        position_ids[:, row, offset:] = torch.arange(width - offset)
+    if tokens and sum(t.shape[0] for t in tokens) != token_offset:
+        raise ValueError("some conversations in the batch have visual tokens attached and others not")
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        labels=labels,
+        position_ids=position_ids,
+        visual_tokens=torch.cat(tokens) if tokens else None,
+        pixel_values=torch.cat(pixels) if pixels else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+        visual_positions=torch.cat(vis_pos).long(),
+        visual_target_index=torch.cat(vis_idx).long(),
+        mm_token_type_ids=mm_types,
+        packed=True,
     )

@@ -141,7 +141,8 @@ def backbone_hidden_states(
         embeds = embeds.masked_scatter(mask, visual_tokens.to(embeds.dtype))
     # A batch without padding needs no mask: the text row of position_ids already tells
     # transformers where each sample starts (it builds the causal / packed mask from it).
-    attention_mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+    # A packed batch never gets one: its mask only marks padding, which forms its own segment.
+    attention_mask = None if batch.packed or bool(batch.attention_mask.all()) else batch.attention_mask
     out = lm(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
@@ -165,6 +166,28 @@ def make_teacher(model: OrionModel) -> Qwen2_5_VLForConditionalGeneration:
     finally:
         model.backbone.model.visual = visual
     return teacher
+
+
+class KLTeacher(nn.Module):
+    """The frozen base model of the KL term, as a module whose forward gives final hidden states.
+
+    A module of its own so that training can shard it (FSDP runs its hooks around ``forward``);
+    the LM head weight is read directly by the chunked KL, outside the forward.
+    """
+
+    def __init__(self, backbone: Qwen2_5_VLForConditionalGeneration) -> None:
+        super().__init__()
+        self.backbone = backbone
+        backbone.requires_grad_(False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.backbone.lm_head.weight
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, visual_tokens: torch.Tensor | None) -> torch.Tensor:
+        hidden, _ = backbone_hidden_states(self.backbone, batch, visual_tokens)
+        return hidden
 
 
 class OrionModel(nn.Module):
@@ -308,7 +331,14 @@ class OrionModel(nn.Module):
         self.backbone.model.visual.requires_grad_(trainable)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Visual tokens from the frozen vision tower + merger (no gradient)."""
+        """Visual tokens from the vision tower + merger.
+
+        Frozen (every ORION stage): no gradient, eval mode. Trainable (the small presets' stage-0
+        base pretraining): an ordinary differentiable forward.
+        """
+        visual = self.backbone.model.visual
+        if torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters()):
+            return visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         return encode_images(self.backbone, pixel_values, image_grid_thw)
 
     def batch_visual_tokens(self, batch: Batch) -> torch.Tensor | None:
@@ -334,7 +364,7 @@ class OrionModel(nn.Module):
         self,
         batch: Batch,
         weights: LossWeights,
-        teacher: Qwen2_5_VLForConditionalGeneration | None = None,
+        teacher: KLTeacher | Qwen2_5_VLForConditionalGeneration | None = None,
         *,
         chunk_size: int = 1024,
     ) -> OrionOutput:
@@ -375,13 +405,17 @@ class OrionModel(nn.Module):
                 hidden[b_idx, t_idx], self.lm_head_weight, shifted[b_idx, t_idx], chunk_size=chunk_size
             )
         if weights.kl > 0:
-            with torch.no_grad():
-                teacher_hidden, _ = backbone_hidden_states(teacher, batch, visual_tokens)
+            if isinstance(teacher, KLTeacher):
+                teacher_hidden, teacher_head = teacher(batch, visual_tokens), teacher.lm_head_weight
+            else:
+                with torch.no_grad():
+                    teacher_hidden, _ = backbone_hidden_states(teacher, batch, visual_tokens)
+                teacher_head = teacher.lm_head.weight
             terms.kl = kl_divergence_loss(
                 visual_hidden,
                 self.lm_head_weight,
                 teacher_hidden[rows, cols],
-                teacher.lm_head.weight,
+                teacher_head,
                 chunk_size=chunk_size,
             )
         return OrionOutput(

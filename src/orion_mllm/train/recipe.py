@@ -77,6 +77,13 @@ class TrainSection(_Strict):
     micro_batch_size: int = Field(gt=0, description="samples per device per forward")
     max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps (smoke runs)")
     seed: int = 0
+    packing: bool = Field(True, description="pack samples into rows of pack_tokens (else pad micro-batches)")
+    pack_tokens: int = Field(4096, gt=0, description="token budget of one packed micro-batch row")
+    max_bad_sample_share: float = Field(
+        0.01, ge=0, le=1, description="abort when more than this share of samples is unreadable"
+    )
+    activation_checkpointing: bool = False
+    log_every: int = Field(10, gt=0, description="steps between plain log lines when not on a terminal")
 
 
 class ResolutionSection(_Strict):
@@ -103,6 +110,18 @@ class DatasetEntry(_Strict):
     task: Literal["understanding", "generation", "editing", "mixed"]
     weight: float = Field(gt=0, description="relative sampling weight within the mixture")
     image_root: str | None = None
+
+
+class ShapesDataSection(_Strict):
+    """ShapesWorld data written to ``data_root`` when it is missing (small-scale recipes)."""
+
+    size: int = Field(64, gt=0)
+    n_und: int = Field(1000, ge=0)
+    n_gen: int = Field(1000, ge=0)
+    n_edit: int = Field(500, ge=0)
+    n_interleaved: int = Field(100, ge=0)
+    n_heldout: int = Field(100, ge=0)
+    seed: int = 0
 
 
 class CheckpointSection(_Strict):
@@ -132,6 +151,7 @@ class Recipe(_Strict):
     train: TrainSection
     resolution: ResolutionSection
     data_root: str | None = None
+    shapes_data: ShapesDataSection | None = None
     data: list[DatasetEntry] = Field(min_length=1)
     checkpoint: CheckpointSection = CheckpointSection()
     anomaly: AnomalySection = AnomalySection()
@@ -158,6 +178,10 @@ class RecipeError(ValueError):
     """A recipe file or override that does not validate; the message names file and keys."""
 
 
+# Short forms accepted on the command line.
+OVERRIDE_ALIASES = {"max_steps": "train.max_steps", "seed": "train.seed"}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` entries (value parsed as YAML) in a nested dict; returns a new dict."""
     import copy
@@ -167,6 +191,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r}: expected key.sub=value")
+        key = OVERRIDE_ALIASES.get(key, key)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

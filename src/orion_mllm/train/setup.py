@@ -1,0 +1,228 @@
+"""Where a stage starts from: its initial weights, its KL teacher, its data, its run directory.
+
+- ``model.init`` is ``preset:NAME`` (random weights of a preset), a Qwen2.5-VL directory, an ORION
+  directory, or ``previous``: the exported model of the finished run of the previous stage
+  (base -> warmup -> pretrain -> sft) found next to this run's directory.
+- The KL teacher is the original base model ORION training started from (paper 3.2), not the
+  previous stage's output. Stage 1 records its init as the teacher in ``run.json``; later stages
+  inherit it from the run that produced their init, unless the recipe names one (``teacher=PATH``).
+- The model's image resolutions come from the recipe's ``resolution`` section.
+- Small-scale recipes generate their ShapesWorld data into ``data_root`` when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orion_mllm.images import ImageSpec
+from orion_mllm.model.backbone import load_backbone
+from orion_mllm.model.orion import ORION_CONFIG_NAME, KLTeacher, OrionModel
+from orion_mllm.train.recipe import Recipe
+
+STAGE_ORDER = ("base", "warmup", "pretrain", "sft")
+RUN_INFO = "run.json"
+FINAL_MODEL = "final"
+
+
+class SetupError(ValueError):
+    """A run that cannot start as configured; the message says what to change."""
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any] | None:
+    f = Path(run_dir) / RUN_INFO
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise SetupError(f"{f}: not valid JSON ({err})") from None
+
+
+def write_run_info(run_dir: str | Path, info: dict[str, Any]) -> None:
+    f = Path(run_dir) / RUN_INFO
+    tmp = f.with_name(f.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(f)
+
+
+def previous_stage(stage: str) -> str:
+    i = STAGE_ORDER.index(stage)
+    if i == 0:
+        raise SetupError("stage base has no previous stage: set model.init=preset:NAME or a directory")
+    return STAGE_ORDER[i - 1]
+
+
+def find_previous_run(run_dir: Path, stage: str) -> Path:
+    """The finished run of the stage before ``stage`` among ``run_dir``'s siblings."""
+    want = previous_stage(stage)
+    parent = run_dir.parent
+    found = []
+    if parent.is_dir():
+        for d in sorted(parent.iterdir()):
+            info = read_run_info(d) if d.is_dir() and d != run_dir else None
+            if info and info.get("stage") == want:
+                found.append((d, info))
+    finished = [d for d, info in found if info.get("status") == "finished" and (d / FINAL_MODEL).is_dir()]
+    if len(finished) == 1:
+        return finished[0]
+    if not found:
+        raise SetupError(
+            f"model.init=previous: no {want!r} run next to {run_dir} (looked in {parent}); "
+            f"run the {want} stage with --output {parent}/NAME first, or set model.init=DIR"
+        )
+    if not finished:
+        raise SetupError(
+            f"model.init=previous: the {want!r} run {found[0][0]} has not finished; "
+            "re-run its command to resume it first"
+        )
+    names = ", ".join(str(d) for d in finished)
+    raise SetupError(f"model.init=previous: several finished {want!r} runs ({names}); set model.init=DIR")
+
+
+def resolve_init(recipe: Recipe, run_dir: Path) -> str:
+    """``preset:NAME`` or an absolute model directory."""
+    init = recipe.model.init
+    if init == "previous":
+        return str((find_previous_run(run_dir, recipe.stage) / FINAL_MODEL).resolve())
+    if init.startswith("preset:"):
+        return init
+    path = Path(init).expanduser()
+    if not (path / "config.json").is_file():
+        raise SetupError(
+            f"model.init={init!r}: not a model directory (no config.json); "
+            "give preset:NAME, a local Qwen2.5-VL/ORION directory, or 'previous'"
+        )
+    return str(path.resolve())
+
+
+def resolve_teacher(recipe: Recipe, init: str) -> str:
+    """The original base model: recorded for every stage, loaded only when the KL weight is > 0."""
+    if recipe.teacher:
+        if recipe.teacher.startswith("preset:"):
+            return recipe.teacher
+        path = Path(recipe.teacher).expanduser()
+        if not (path / "config.json").is_file():
+            raise SetupError(f"teacher={recipe.teacher!r}: not a model directory (no config.json)")
+        return str(path.resolve())
+    if recipe.stage in ("base", "warmup"):
+        return init  # ORION training starts here: this *is* the base model
+    if init.startswith("preset:"):
+        raise SetupError(
+            f"stage {recipe.stage} starts from {init}: which base model is the KL teacher? set teacher=PATH"
+        )
+    info = read_run_info(Path(init).parent)
+    if info and info.get("teacher"):
+        return info["teacher"]
+    raise SetupError(
+        f"stage {recipe.stage}: cannot tell the original base model of {init} (no run.json with a "
+        "'teacher' next to it); set teacher=PATH to the model stage 1 started from"
+    )
+
+
+def recipe_image_spec(recipe: Recipe, processor) -> ImageSpec:
+    ip = processor.image_processor
+    patch, merge = int(ip.patch_size), int(ip.merge_size)
+    factor = patch * merge
+    res = recipe.resolution
+    gen = res.gen_max_long_side
+    if gen % factor:
+        raise SetupError(
+            f"resolution.gen_max_long_side={gen}: must be a multiple of patch x merge = {factor}"
+        )
+    und_min = res.und_min_long_side or 2 * factor
+    und_max = res.und_max_long_side or max(und_min, 1024 // factor * factor)
+    return ImageSpec(
+        patch_size=patch,
+        merge_size=merge,
+        gen_image_size=gen,
+        und_min_long_side=max(factor, und_min // factor * factor),
+        und_max_long_side=max(factor, und_max // factor * factor),
+    )
+
+
+def build_model(recipe: Recipe, init: str) -> OrionModel:
+    """The student in fp32 (bf16 compute comes from autocast / FSDP mixed precision)."""
+    m = recipe.model
+    common = {"attn_implementation": m.attn_implementation, "dtype": torch.float32}
+    if init.startswith("preset:"):
+        model = OrionModel.from_preset(
+            init.removeprefix("preset:"), head=m.head, mlp_ratio=m.mlp_ratio, seed=recipe.train.seed, **common
+        )
+    elif (Path(init) / ORION_CONFIG_NAME).is_file():
+        model = OrionModel.from_pretrained(init, **common)
+        saved = model.config.head.name
+        if saved != m.head:
+            raise SetupError(
+                f"model.head={m.head!r} but {init} holds a {saved!r} head; set model.head={saved}"
+            )
+    else:
+        model = OrionModel.from_qwen(
+            init, head=m.head, mlp_ratio=m.mlp_ratio, seed=recipe.train.seed, **common
+        )
+    model.config.image_spec = recipe_image_spec(recipe, model.processor)
+    return model
+
+
+def load_teacher(teacher: str, *, seed: int, attn_implementation: str, dtype: torch.dtype) -> KLTeacher:
+    """The frozen base model for the KL term, without its vision tower (the student's provides tokens)."""
+    if teacher.startswith("preset:"):
+        backbone = OrionModel.from_preset(teacher.removeprefix("preset:"), seed=seed).backbone
+    else:
+        backbone, _ = load_backbone(teacher, attn_implementation=attn_implementation, dtype=torch.float32)
+    backbone.model.visual = None
+    backbone.eval()
+    return KLTeacher(backbone.to(dtype))
+
+
+def apply_trainable(model: OrionModel, recipe: Recipe) -> None:
+    """Freeze per stage: vision tower/merger, LLM (embeddings, layers, norm, LM head), vision head."""
+    t = recipe.trainable
+    model.requires_grad_(False)
+    model.backbone.model.visual.requires_grad_(t.vision_tower)
+    model.backbone.model.language_model.requires_grad_(t.llm)
+    model.backbone.lm_head.requires_grad_(t.llm)
+    model.vision_head.requires_grad_(t.head)
+
+
+def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
+    """Write the recipe's ShapesWorld data to ``data_root`` if it is not there yet (rank 0 only)."""
+    if recipe.shapes_data is None or recipe.data_root is None:
+        return None
+    root = Path(recipe.data_root)
+    if (root / "meta.json").is_file():
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise SetupError(
+            f"data_root={root} exists but holds no ShapesWorld meta.json; point data_root at an empty "
+            "or missing folder to generate the data there"
+        )
+    from orion_mllm.data.shapes.datasets import write_shapes_dataset
+
+    s = recipe.shapes_data
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    print(f"generating ShapesWorld data in {root} ...", flush=True)
+    write_shapes_dataset(
+        tmp,
+        size=s.size,
+        n_und=s.n_und,
+        n_gen=s.n_gen,
+        n_edit=s.n_edit,
+        n_interleaved=s.n_interleaved,
+        n_heldout=s.n_heldout,
+        seed=s.seed,
+        progress=progress,
+    )
+    if root.exists():
+        root.rmdir()
+    tmp.rename(root)  # all or nothing: a killed generation never looks like finished data
+    print(f"ShapesWorld data ready in {time.time() - t0:.1f} s", flush=True)
+    return root

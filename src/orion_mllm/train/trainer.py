@@ -1,0 +1,476 @@
+"""The ORION trainer: one recipe (one stage) from its start weights to an exported model.
+
+Run it with ``orion train RECIPE.yaml [--output DIR] [key=value ...]`` (one process) or
+``torchrun --nproc_per_node N -m orion_mllm.cli train ...`` (FSDP2; gloo on CPU, NCCL on GPU).
+Re-running the same command resumes from the newest complete checkpoint in DIR.
+
+Each optimizer step:
+1. reads its slice of the data mixture (``batches.py``), skipping and counting bad records;
+2. runs the micro-batches (packed rows) through student and teacher, each term normalised by the
+   step's *global* number of targets, so the result does not depend on how samples were split
+   into micro-batches or over ranks (1 process == N processes for the same global batch);
+3. clips the gradient norm, asks the anomaly guard whether to skip the step (NaN/Inf loss or
+   gradient, or a norm spike vs its running median), steps AdamW and the LR schedule;
+4. logs a metrics line; saves a checkpoint every ``checkpoint.every`` steps and at the end.
+At the end the model is exported in the Hugging Face layout to ``RUN/final``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orion_mllm.data.mixture import MixtureSampler
+from orion_mllm.data.sources import open_dataset
+from orion_mllm.losses import LossWeights
+from orion_mllm.model.backbone import save_processor
+from orion_mllm.model.orion import OrionModel
+from orion_mllm.train import checkpoint as ckpt
+from orion_mllm.train.anomaly import AnomalyGuard
+from orion_mllm.train.batches import BadSample, Prefetcher, StepLoader, text_targets, visual_targets
+from orion_mllm.train.distributed import (
+    DistState,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    parallelize,
+)
+from orion_mllm.train.metrics import MetricsLogger
+from orion_mllm.train.recipe import Recipe, recipe_to_yaml
+from orion_mllm.train.schedule import LRSchedule, build_scheduler
+from orion_mllm.train.setup import (
+    FINAL_MODEL,
+    apply_trainable,
+    build_model,
+    ensure_shapes_data,
+    load_teacher,
+    read_run_info,
+    resolve_init,
+    resolve_teacher,
+    write_run_info,
+)
+
+BAD_SAMPLES_LOG = "skipped_samples.jsonl"
+# The bad-record cap is enforced once this many samples were read, so that one unlucky first batch
+# of an otherwise clean corpus does not abort the run.
+MIN_SAMPLES_FOR_BAD_CAP = 50
+
+StepCallback = Callable[["Trainer", int, dict[str, Any]], None]
+
+
+class DataQualityError(RuntimeError):
+    """Too many unreadable samples; the message names some of them."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_model: Path
+    steps: int
+    skipped_steps: int
+    skipped_samples: int
+    last_metrics: dict[str, Any]
+
+
+def default_output_dir(recipe_path: str | Path) -> Path:
+    """``recipes/shapes/micro/stage1_warmup.yaml`` -> ``runs/shapes-micro/stage1_warmup``."""
+    p = Path(recipe_path).resolve()
+    group = p.parent.name
+    if p.parent.parent.name not in ("recipes", ""):
+        group = f"{p.parent.parent.name}-{group}"
+    return Path("runs") / group / p.stem
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases and norm scales (1-D tensors): standard for transformer training.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path,
+        *,
+        recipe_path: str | None = None,
+        callbacks: list[StepCallback] | None = None,
+        device: str | None = None,
+        tensorboard: bool = True,
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir).resolve()
+        self.recipe_path = recipe_path
+        self.callbacks = list(callbacks or [])
+        self.dist: DistState = init_distributed(device)
+        self.tensorboard = tensorboard
+        self.weights = LossWeights(ce=recipe.loss.ce, mse=recipe.loss.mse, kl=recipe.loss.kl)
+
+    # ------------------------------------------------------------------ setup
+
+    def _log(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, flush=True)
+
+    def _prepare_run_dir(self) -> dict[str, Any]:
+        r = self.recipe
+        info = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ensure_shapes_data(r, progress=os.isatty(2))
+            old = read_run_info(self.run_dir)
+            if old is not None and old.get("stage") != r.stage:
+                raise ValueError(
+                    f"{self.run_dir} holds a {old.get('stage')!r} run; this recipe is stage {r.stage!r}: "
+                    "choose another --output"
+                )
+            init = old["init"] if old else resolve_init(r, self.run_dir)
+            teacher = old["teacher"] if old else resolve_teacher(r, init)
+            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
+            info = dict(old or {})
+            info.update(
+                stage=r.stage,
+                recipe=self.recipe_path,
+                init=init,
+                teacher=teacher,
+                world_size=self.dist.world_size,
+                status="running",
+                final_model=FINAL_MODEL,
+            )
+            info.setdefault("started_at", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+            write_run_info(self.run_dir, info)
+            ckpt.remove_incomplete(self.run_dir)
+        return broadcast_object(info, self.dist)
+
+    def _open_data(self) -> tuple[list, MixtureSampler]:
+        r = self.recipe
+        sources = [open_dataset(e, r.data_root, seed=r.train.seed) for e in r.data]
+        sampler = MixtureSampler(
+            [len(s) for s in sources],
+            [e.weight for e in r.data],
+            seed=r.train.seed,
+            names=[e.name for e in r.data],
+        )
+        return sources, sampler
+
+    def total_steps(self, sampler: MixtureSampler) -> int:
+        t = self.recipe.train
+        steps = max(1, math.ceil(t.epochs * sampler.samples_per_epoch / t.global_batch_size))
+        return min(steps, t.max_steps) if t.max_steps else steps
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> TrainResult:
+        r, d = self.recipe, self.dist
+        torch.manual_seed(r.train.seed)
+        info = self._prepare_run_dir()
+        model = build_model(r, info["init"])
+        apply_trainable(model, r)
+        model.train()
+        builder = model.sequence_builder()
+        pad_id = model.processor.tokenizer.pad_token_id
+        use_cuda = d.device.type == "cuda"
+        bf16 = use_cuda and r.model.dtype == "bfloat16"
+        teacher = None
+        if self.weights.kl > 0:
+            teacher = load_teacher(
+                info["teacher"],
+                seed=r.train.seed,
+                attn_implementation=r.model.attn_implementation,
+                dtype=torch.bfloat16 if bf16 else torch.float32,
+            )
+            teacher.to(d.device)
+        model.to(d.device)
+        parallelize(model, teacher, d, activation_checkpointing=r.train.activation_checkpointing, bf16=bf16)
+
+        o = r.optim
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps, foreach=True
+        )
+        sources, sampler = self._open_data()
+        total = self.total_steps(sampler)
+        schedule = LRSchedule(o.max_lr, o.min_lr, o.scheduler, o.warmup_ratio, total)
+        scheduler = build_scheduler(optimizer, schedule)
+        guard = AnomalyGuard(**r.anomaly.model_dump())
+        counters = {"skipped_samples": 0, "seen_samples": 0, "tokens": 0}
+        start = 0
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest[1], model, optimizer, d)
+            sampler.check_state(state["sampler"])
+            if state["total_steps"] != total:
+                raise ValueError(
+                    f"{latest[1]}: made for a {state['total_steps']}-step run, this one has {total} steps "
+                    "(epochs, batch size, max_steps or data changed); use a new --output"
+                )
+            start = state["step"]
+            scheduler.load_state_dict(state["scheduler"])
+            guard.load_state_dict(state["guard"])
+            counters.update(state["counters"])
+            self._log(f"resumed from {latest[1]} (step {start}/{total})")
+        loader = StepLoader(
+            sources,
+            sampler,
+            builder,
+            global_batch_size=r.train.global_batch_size,
+            rank=d.rank,
+            world_size=d.world_size,
+            packing=r.train.packing,
+            pack_tokens=r.train.pack_tokens,
+            micro_batch_size=r.train.micro_batch_size,
+            pad_token_id=pad_id,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_train = sum(p.numel() for p in trainable)
+        self._log(
+            f"stage {r.stage}: {total} steps of {r.train.global_batch_size} samples, "
+            f"{d.world_size} process(es) "
+            f"on {d.device.type}, {n_train:,} trainable parameters, run dir {self.run_dir}"
+        )
+        logger = MetricsLogger(
+            self.run_dir,
+            start_step=start,
+            total_steps=total,
+            enabled=d.is_main,
+            log_every=r.train.log_every,
+            tensorboard=self.tensorboard,
+            description=f"stage {r.stage}",
+        )
+        prefetch = Prefetcher(loader)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+        last: dict[str, Any] = {}
+        self.model, self.optimizer, self.teacher = model, optimizer, teacher
+        try:
+            for step in range(start, total):
+                t0 = time.time()
+                data = prefetch.get(step, step + 1 if step + 1 < total else None)
+                record = self._train_step(step, data, model, teacher, optimizer, trainable, guard, autocast)
+                with warnings.catch_warnings():  # a skipped step still advances the schedule
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
+                counters["skipped_samples"] += record["skipped_samples_step"]
+                counters["seen_samples"] += record["seen_samples_step"]
+                counters["tokens"] += record["tokens"]
+                self._record_bad(record.pop("bad"))
+                record.update(
+                    lr=schedule.lr_at(step),
+                    tokens_per_s=record["tokens"] / max(time.time() - t0, 1e-9),
+                    skipped_steps=guard.skipped,
+                    skipped_samples=counters["skipped_samples"],
+                )
+                logger.log(record)
+                last = record
+                self._check_bad_share(counters)
+                if (step + 1) % r.checkpoint.every == 0 or step + 1 == total:
+                    state = {
+                        "step": step + 1,
+                        "total_steps": total,
+                        "sampler": sampler.state_dict(),
+                        "data_position": (step + 1) * r.train.global_batch_size,
+                        "scheduler": scheduler.state_dict(),
+                        "guard": guard.state_dict(),
+                        "counters": counters,
+                    }
+                    path = ckpt.save_checkpoint(
+                        self.run_dir, step + 1, model, optimizer, state, d, keep=r.checkpoint.keep
+                    )
+                    logger.message(f"checkpoint {path}")
+                for cb in self.callbacks:
+                    cb(self, step, record)
+        finally:
+            prefetch.close()
+            logger.close()
+        final = self._export(model, info)
+        if d.is_main:
+            info = read_run_info(self.run_dir) or info
+            info.update(
+                status="finished",
+                steps=total,
+                finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            )
+            write_run_info(self.run_dir, info)
+            self._log(f"exported {final}")
+        barrier(d)
+        return TrainResult(self.run_dir, final, total, guard.skipped, counters["skipped_samples"], last)
+
+    # ------------------------------------------------------------------ one step
+
+    def _train_step(
+        self, step, data, model, teacher, optimizer, trainable, guard, autocast
+    ) -> dict[str, Any]:
+        d, w = self.dist, self.weights
+        local_text = sum(text_targets(b) for b in data.micro_batches)
+        local_vis = sum(visual_targets(b) for b in data.micro_batches)
+        n_text, n_vis, tokens, slots, good, bad = all_reduce_sum(
+            [local_text, local_vis, data.real_tokens, data.slots, data.good, len(data.bad)], d
+        )
+        n_micro = all_reduce_max(len(data.micro_batches), d)
+        bad_all = self._gather_bad(data.bad)
+        record: dict[str, Any] = {
+            "step": step,
+            "samples": int(good),
+            "tokens": int(tokens),
+            "padding_share": 1.0 - tokens / slots if slots else 0.0,
+            "skipped_samples_step": int(bad),
+            "seen_samples_step": int(good + bad),
+            "bad": bad_all,
+        }
+        optimizer.zero_grad(set_to_none=True)
+        if good == 0:  # nothing readable in the whole global batch: nothing to learn from
+            guard.skipped += 1
+            record.update(loss=float("nan"), ce=None, mse=None, kl=None, grad_norm=None, skipped=True)
+            return record
+        if not data.micro_batches:
+            raise RuntimeError(
+                f"rank {d.rank} got no readable sample at step {step} while others did; "
+                "raise train.global_batch_size or fix the data"
+            )
+        # Each term's mean over the *global* step: micro-batch means weighted by their share of the
+        # step's targets. FSDP averages gradients over ranks, so undo that average with world_size.
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i in range(n_micro):
+            real = i < len(data.micro_batches)
+            batch = data.micro_batches[i if real else 0].to(d.device)  # dummy repeats keep FSDP in step
+            if d.distributed:
+                model.set_requires_gradient_sync(i == n_micro - 1)
+            with autocast():
+                out = model(batch, w, teacher)
+            shares = (
+                text_targets(batch) / n_text if n_text else 0.0,
+                visual_targets(batch) / n_vis if n_vis else 0.0,
+            )
+            # Every computed term joins the graph, even with a zero factor (a dummy micro-batch, or
+            # no targets of that kind here): under FSDP every rank must produce gradients for the
+            # same parameters, or the gradient reduce-scatters would not match across ranks.
+            loss = None
+            for k, (name, weight, share) in enumerate(
+                (("ce", w.ce, shares[0]), ("mse", w.mse, shares[1]), ("kl", w.kl, shares[1]))
+            ):
+                term = getattr(out.terms, name)
+                if weight == 0 or term is None:
+                    continue
+                if real and share:
+                    sums[k] += float(term.detach()) * share
+                part = term * (weight * share * d.world_size if real else 0.0)
+                loss = part if loss is None else loss + part
+            if loss is None:
+                loss = out.loss * 0.0
+            loss.backward()
+        ce, mse, kl = all_reduce_sum(sums.tolist(), d)
+        total_loss = w.ce * ce + w.mse * mse + w.kl * kl
+        if any(math.isnan(float(t)) for t in sums):
+            total_loss = float("nan")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.recipe.optim.grad_clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        skip = guard.check(total_loss, grad_norm, step=step)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+        record.update(
+            loss=total_loss,
+            ce=ce if w.ce > 0 else None,
+            mse=mse if w.mse > 0 else None,
+            kl=kl if w.kl > 0 else None,
+            grad_norm=grad_norm,
+            skipped=skip,
+        )
+        return record
+
+    # ------------------------------------------------------------------ bad data
+
+    def _gather_bad(self, bad: list[BadSample]) -> list[BadSample]:
+        if not self.dist.distributed:
+            return list(bad)
+        import torch.distributed as dist
+
+        gathered: list[list[BadSample]] = [[] for _ in range(self.dist.world_size)]
+        dist.all_gather_object(gathered, list(bad))
+        return [b for part in gathered for b in part]
+
+    def _record_bad(self, bad: list[BadSample]) -> None:
+        if not bad or not self.dist.is_main:
+            return
+        import json
+
+        with open(self.run_dir / BAD_SAMPLES_LOG, "a") as f:
+            for b in bad:
+                f.write(json.dumps({"source": b.source, "reason": b.reason}) + "\n")
+                print(f"skipped sample {b.source}: {b.reason}", flush=True)
+        self.bad_seen = getattr(self, "bad_seen", []) + bad
+
+    def _check_bad_share(self, counters: dict[str, int]) -> None:
+        seen, bad = counters["seen_samples"], counters["skipped_samples"]
+        cap = self.recipe.train.max_bad_sample_share
+        if seen >= MIN_SAMPLES_FOR_BAD_CAP and bad > cap * seen:
+            examples = "; ".join(f"{b.source} ({b.reason})" for b in getattr(self, "bad_seen", [])[:5])
+            raise DataQualityError(
+                f"{bad} of {seen} samples ({bad / seen:.1%}) could not be read, more than "
+                f"train.max_bad_sample_share={cap:g}; e.g. {examples}; full list in "
+                f"{self.run_dir / BAD_SAMPLES_LOG}"
+            )
+
+    # ------------------------------------------------------------------ export
+
+    def _export(self, model: OrionModel, info: dict[str, Any]) -> Path:
+        """Write ``RUN/final``: an ORION model, or for stage base a plain Qwen2.5-VL directory."""
+        d = self.dist
+        final = self.run_dir / FINAL_MODEL
+        if d.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if d.is_main:
+                # A fresh single-device copy of the same architecture takes the gathered weights.
+                plain = build_model(self.recipe, info["init"])
+                plain.load_state_dict(_strip_wrappers(full), strict=True)
+                self._save(plain, final)
+        elif d.is_main:
+            if self.recipe.train.activation_checkpointing:
+                plain = build_model(self.recipe, info["init"])
+                plain.load_state_dict(_strip_wrappers(model.state_dict()), strict=True)
+                model = plain
+            self._save(model, final)
+        barrier(d)
+        return final
+
+    def _save(self, model: OrionModel, final: Path) -> None:
+        if self.recipe.stage == "base":
+            import shutil
+
+            tmp = final.parent / f".{final.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.backbone.save_pretrained(tmp, safe_serialization=True)
+            save_processor(model.processor, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        else:
+            model.save_pretrained(final)
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop activation-checkpoint wrapper prefixes from parameter names."""
+    return {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}

@@ -1,0 +1,53 @@
+"""Helpers for the training-engine tests: small recipes on micro ShapesWorld data, run in or out of process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from orion_mllm.train.recipe import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "shapes" / "micro"
+
+
+def micro_recipe(stage_file: str, data_root: str | Path, *overrides: str) -> Recipe:
+    """A shipped micro recipe, shrunk for tests: batch 8, micro-batch 4, tensorboard-free."""
+    base = [
+        f"data_root={data_root}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+    ]
+    return load_recipe(RECIPES / stage_file, [*base, *overrides])
+
+
+def losses(run_dir: str | Path) -> list[float]:
+    from orion_mllm.train.metrics import read_metrics
+
+    return [m["loss"] for m in read_metrics(run_dir)]
+
+
+def run_python(code: str, *, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh interpreter (a process we are allowed to kill)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
+
+
+def trainer_script(recipe: Recipe, run_dir: str | Path, *, prelude: str = "", callbacks: str = "[]") -> str:
+    """Source of a process that trains ``recipe`` into ``run_dir`` (the recipe travels as JSON)."""
+    data = json.dumps(recipe.model_dump(mode="json"))
+    return f"""
+import json, os, signal
+from orion_mllm.train.recipe import parse_recipe
+from orion_mllm.train.trainer import Trainer
+{prelude}
+recipe = parse_recipe(json.loads({data!r}))
+Trainer(recipe, {str(run_dir)!r}, callbacks={callbacks}, tensorboard=False).run()
+print("TRAINING-DONE")
+"""
