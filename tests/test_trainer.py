@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import REPO, RECIPES, losses, micro_recipe, run_python, trainer_script
 
 from orion_mllm.data.shapes.datasets import write_shapes_dataset
 from orion_mllm.model.orion import HEAD_WEIGHTS_NAME, OrionModel
@@ -20,6 +19,7 @@ from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import TrainingDiverged
 from orion_mllm.train.metrics import read_metrics
 from orion_mllm.train.trainer import DataQualityError, Trainer
+from train_utils import RECIPES, REPO, losses, micro_recipe, run_python, trainer_script
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,10 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path, micro_model):
 
 
 def test_two_process_fsdp_matches_one_process(tmp_path, shapes_root, base_dir):
-    overrides = [f"data_root={shapes_root}", "train.global_batch_size=8", "train.micro_batch_size=4",
-                 f"model.init={base_dir}", f"teacher={base_dir}", "max_steps=3", "checkpoint.every=2"]  # fmt: skip
+    overrides = [
+        f"data_root={shapes_root}", "train.global_batch_size=8", "train.micro_batch_size=4",
+        f"model.init={base_dir}", f"teacher={base_dir}", "max_steps=3", "checkpoint.every=2",
+    ]  # fmt: skip
     one = Trainer(_pretrain(shapes_root, base_dir, *overrides[4:]), tmp_path / "one", tensorboard=False).run()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

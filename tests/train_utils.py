@@ -1,4 +1,4 @@
-"""Helpers for the training-engine tests: small recipes on micro ShapesWorld data, run in or out of process."""
+"""Helpers for the training-engine tests: small micro ShapesWorld recipes, run in or out of process."""
 
 from __future__ import annotations
 
