@@ -22,6 +22,8 @@ def test_recipes_are_shipped():
     names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
     for size in ("qwen2.5-vl-3b", "qwen2.5-vl-7b"):
         assert {f"{size}/{stage}" for stage in TABLE_1} <= names
+    for size in ("micro", "tiny"):
+        assert {f"{size}/{stage}" for stage in ("stage0_base", *TABLE_1)} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -323,3 +323,19 @@ def test_micro_stages_0_to_3_end_to_end(tmp_path, shapes_root):
         assert json.loads((runs / stem / "run.json").read_text())["teacher"] == base
     model = OrionModel.from_pretrained(results["stage3_sft"].final_model)
     assert model.config.image_spec.gen_image_size == 48
+    # Re-running a finished stage does nothing (and says so) instead of training again.
+    stage0 = micro_recipe("stage0_base.yaml", shapes_root, "max_steps=30", "train.global_batch_size=16")
+    again = Trainer(stage0, runs / "stage0_base", tensorboard=False).run()
+    assert again.steps == 30 and len(read_metrics(runs / "stage0_base")) == 30
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, shapes_root, base_dir):
+    plain = Trainer(_pretrain(shapes_root, base_dir, "max_steps=2"), tmp_path / "a", tensorboard=False).run()
+    ac = _pretrain(shapes_root, base_dir, "max_steps=2", "train.activation_checkpointing=true")
+    wrapped = Trainer(ac, tmp_path / "b", tensorboard=False).run()
+    for x, y in zip(losses(plain.run_dir), losses(wrapped.run_dir), strict=True):
+        assert abs(x - y) <= 1e-6 * abs(x)
+    a, b = _weights(plain.final_model), _weights(wrapped.final_model)
+    assert a.keys() == b.keys()  # the export has plain parameter names
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

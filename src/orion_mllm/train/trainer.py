@@ -143,6 +143,8 @@ class Trainer:
                     f"{self.run_dir} holds a {old.get('stage')!r} run; this recipe is stage {r.stage!r}: "
                     "choose another --output"
                 )
+            if old and old.get("status") == "finished" and (self.run_dir / FINAL_MODEL).is_dir():
+                return broadcast_object(old, self.dist)  # nothing left to do
             init = old["init"] if old else resolve_init(r, self.run_dir)
             teacher = old["teacher"] if old else resolve_teacher(r, init)
             (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
@@ -183,6 +185,20 @@ class Trainer:
         r, d = self.recipe, self.dist
         torch.manual_seed(r.train.seed)
         info = self._prepare_run_dir()
+        if info.get("status") == "finished":
+            self._log(f"{self.run_dir} already finished ({info.get('steps')} steps): nothing to do")
+            from orion_mllm.train.metrics import read_metrics
+
+            metrics = read_metrics(self.run_dir) if d.is_main else []
+            last = metrics[-1] if metrics else {}
+            return TrainResult(
+                self.run_dir,
+                self.run_dir / FINAL_MODEL,
+                int(info.get("steps", 0)),
+                int(last.get("skipped_steps", 0)),
+                int(last.get("skipped_samples", 0)),
+                last,
+            )
         model = build_model(r, info["init"])
         apply_trainable(model, r)
         model.train()
