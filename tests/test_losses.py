@@ -550,8 +550,25 @@ def test_chunked_kl_on_cuda_matches_cpu():
     gh, gw = grads_of(got, cuda[0], cuda[1])
     # loose enough for TF32 matmuls if the user enabled them
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
-    torch.testing.assert_close(gh.cpu().double(), ref_gh, rtol=5e-2, atol=1e-4)
-    torch.testing.assert_close(gw.cpu().double(), ref_gw, rtol=5e-2, atol=1e-4)
+    torch.testing.assert_close(gh.cpu().double(), ref_gh.double(), rtol=5e-2, atol=1e-4)
+    torch.testing.assert_close(gw.cpu().double(), ref_gw.double(), rtol=5e-2, atol=1e-4)
+
+
+def test_chunked_losses_ignore_an_enclosing_autocast():
+    """bf16 training runs the model under autocast; the chunked losses must keep their fp32 math."""
+    sh, sw, th, tw = make_kl_inputs(n=40, d=32, vocab=300, dtype=torch.float32)
+    ref = kl_divergence_loss(sh, sw, th, tw, chunk_size=16, backend="chunked")
+    ref_gh, ref_gw = grads_of(ref, sh, sw)
+    sh2, sw2 = (t.detach().clone().requires_grad_(True) for t in (sh, sw))
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kl_divergence_loss(sh2, sw2, th, tw, chunk_size=16, backend="chunked")
+        ce = cross_entropy_loss(sh2, sw2, targets, chunk_size=16)
+    assert got.dtype == torch.float32 and ce.dtype == torch.float32
+    gh, gw = grads_of(got, sh2, sw2)
+    assert got.item() == ref.item()
+    torch.testing.assert_close(gh, ref_gh)
+    torch.testing.assert_close(gw, ref_gw)
 
 
 @pytest.mark.gpu

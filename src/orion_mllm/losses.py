@@ -228,6 +228,15 @@ def _chunked_forward(
     ``[chunk, V]`` buffers die at the end of the iteration, so peak memory does not depend on how
     many chunks there are. Only the two gradients are saved for backward.
     """
+    # The math below picks its own precision (fp32 tiles); an enclosing autocast region (bf16 training
+    # on GPU) would silently turn its matmuls into bf16 ones and mix dtypes in the in-place updates.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _chunked_forward_fp(ctx, hidden, weight, target, chunk_size)
+
+
+def _chunked_forward_fp(
+    ctx: Any, hidden: Tensor, weight: Tensor, target: _KLTarget | _CrossEntropyTarget, chunk_size: int
+) -> Tensor:
     n, d = hidden.shape
     n_vocab = weight.shape[0]
     compute_dtype = _compute_dtype(hidden, weight, *target.float_tensors)
