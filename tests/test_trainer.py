@@ -339,3 +339,76 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, shapes_root, b
     assert a.keys() == b.keys()  # the export has plain parameter names
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(step_index):
+    def cb(trainer, step, rec):
+        if step == step_index:
+            raise _Stop
+
+    return cb
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, shapes_root, base_dir):
+    recipe = _pretrain(shapes_root, base_dir, "max_steps=4", "checkpoint.every=2")
+    with pytest.raises(_Stop):
+        Trainer(recipe, tmp_path / "run", callbacks=[_stop_after(2)], tensorboard=False).run()
+    changed = _pretrain(shapes_root, base_dir, "max_steps=4", "checkpoint.every=2", "optim.max_lr=0.01")
+    with pytest.raises(ValueError, match=r"different recipe \(optim\.max_lr changed\)"):
+        Trainer(changed, tmp_path / "run", tensorboard=False).run()
+    # Watching/checkpointing settings may change; the run then resumes where it was.
+    relaxed = _pretrain(shapes_root, base_dir, "max_steps=4", "checkpoint.every=3", "train.log_every=2")
+    result = Trainer(relaxed, tmp_path / "run", tensorboard=False).run()
+    assert [m["step"] for m in read_metrics(result.run_dir)] == [0, 1, 2, 3]
+    assert [m["lr"] for m in read_metrics(result.run_dir)] == pytest.approx(
+        [m["lr"] for m in read_metrics(Trainer(recipe, tmp_path / "ref", tensorboard=False).run().run_dir)]
+    )
+
+
+def test_bad_sample_log_has_no_duplicates_after_resume(tmp_path, shapes_root):
+    data = _bad_dataset(tmp_path, shapes_root, n_good=21, n_bad_each=1)
+    mixed = "data=[{name: mixed, path: mixed.jsonl, task: understanding, weight: 1}]"
+    args = ("stage0_base.yaml", data, mixed, "shapes_data=", "train.epochs=1",
+            "train.max_bad_sample_share=0.5", "checkpoint.every=2")  # fmt: skip
+    with pytest.raises(_Stop):  # step 3 ran and logged its bad samples, but was never checkpointed
+        Trainer(micro_recipe(*args), tmp_path / "run", callbacks=[_stop_after(2)], tensorboard=False).run()
+    result = Trainer(micro_recipe(*args), tmp_path / "run", tensorboard=False).run()
+    lines = (result.run_dir / "skipped_samples.jsonl").read_text().splitlines()
+    assert len(lines) == result.skipped_samples == 3, lines
+
+
+def test_records_with_wrong_types_or_bomb_images_are_bad_samples(tmp_path, micro_model):
+    from PIL import Image
+
+    from orion_mllm.data.mixture import MixtureSampler
+    from orion_mllm.data.sources import open_dataset
+    from orion_mllm.train.batches import BadSample, StepLoader
+    from orion_mllm.train.recipe import DatasetEntry
+
+    big = tmp_path / "bomb.png"
+    Image.new("RGB", (8, 8)).save(big)
+    raw = bytearray(big.read_bytes())
+    raw[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR width/height: a 900-megapixel claim
+    big.write_bytes(bytes(raw))
+    recs = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": 7}]},
+                      {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "b"}],
+         "images": [str(big)]},
+        {"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "c"}],
+         "images": [str(tmp_path)]},
+    ]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    src = open_dataset(DatasetEntry(name="d", path="d.jsonl", task="understanding", weight=1), tmp_path)
+    loader = StepLoader(
+        [src], MixtureSampler([3], [1.0], seed=0), micro_model.sequence_builder(), global_batch_size=3,
+        rank=0, world_size=1, packing=True, pack_tokens=512, micro_batch_size=2, pad_token_id=0,
+    )  # fmt: skip
+    outs = [loader.encode(0, i) for i in range(3)]
+    assert all(isinstance(o, BadSample) for o in outs), outs
+    reasons = " | ".join(o.reason for o in outs)
+    assert "got int" in reasons and "cannot read image" in reasons and "is a directory" in reasons

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -166,6 +167,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any process is spawned
     output = args.output or str(_default_output(args.recipe))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from orion_mllm.train.trainer import preflight
+
+        preflight(recipe, output)  # bad paths / data are reported once, here, not by every rank
         # The same command under torchrun: FSDP2 over N local processes (gloo on CPU, NCCL on GPU).
         cmd = [
             sys.executable,
@@ -183,7 +187,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ]
         if args.debug:
             cmd.insert(cmd.index("train"), "--debug")
-        return subprocess.call(cmd)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(
+                f"orion train: error: a training process failed (exit {rc}); see rank 0's message above",
+                file=sys.stderr,
+            )
+            return 2
+        return 0
     from orion_mllm.train.trainer import Trainer
 
     result = Trainer(recipe, output, recipe_path=str(args.recipe)).run()
@@ -318,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug or not isinstance(err, _user_errors()):
             raise
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports it once
+            return 2
         print(f"orion {args.command}: error: {err}", file=sys.stderr)
         return 2
 

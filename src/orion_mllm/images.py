@@ -62,14 +62,20 @@ def load_image(image: ImageLike, *, where: str = "") -> Image.Image:
     prefix = f"{where}: " if where else ""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if not isinstance(image, str | Path):
+        raise ImageLoadError(
+            f"{prefix}an image must be a file path or a PIL image, got {type(image).__name__}"
+        )
     path = Path(image)
+    if path.is_dir():
+        raise ImageLoadError(f"{prefix}image path is a directory, not a file: {path}")
     if not path.is_file():
         raise ImageLoadError(f"{prefix}image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and not deep in training
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageLoadError(f"{prefix}cannot read image {path}: {err}") from err
 
 

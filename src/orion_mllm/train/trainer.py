@@ -18,6 +18,7 @@ At the end the model is exported in the Hugging Face layout to ``RUN/final``.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import time
@@ -70,6 +71,31 @@ MIN_SAMPLES_FOR_BAD_CAP = 50
 
 StepCallback = Callable[["Trainer", int, dict[str, Any]], None]
 
+# Recipe keys that may change between a run and its resume: they change how the run is watched,
+# checkpointed or batched, not what it computes (losses are normalised per global step, so the
+# micro-batch split does not matter). Anything else changed on resume is refused.
+RESUMABLE_CHANGES = (
+    "description", "checkpoint.", "anomaly.", "data_root", "shapes_data", "train.log_every",
+    "train.max_bad_sample_share", "train.max_steps", "train.micro_batch_size", "train.packing",
+    "train.pack_tokens", "train.activation_checkpointing", "model.attn_implementation",
+)  # fmt: skip
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two recipes (as dicts), except the resumable ones."""
+    a, b = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in changed if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
+
 
 class DataQualityError(RuntimeError):
     """Too many unreadable samples; the message names some of them."""
@@ -92,6 +118,22 @@ def default_output_dir(recipe_path: str | Path) -> Path:
     if p.parent.parent.name not in ("recipes", ""):
         group = f"{p.parent.parent.name}-{group}"
     return Path("runs") / group / p.stem
+
+
+def preflight(recipe: Recipe, run_dir: str | Path) -> None:
+    """Configuration checks worth doing before spawning processes: data, init model, teacher.
+
+    Each raises a one-line error naming what is wrong; ``orion train --nproc N`` runs this in the
+    launching process so a bad path is reported once instead of by every rank.
+    """
+    run_dir = Path(run_dir).resolve()
+    ensure_shapes_data(recipe, progress=os.isatty(2))
+    old = read_run_info(run_dir)
+    if old is None:
+        init = resolve_init(recipe, run_dir)
+        resolve_teacher(recipe, init)
+    for entry in recipe.data:
+        open_dataset(entry, recipe.data_root, seed=recipe.train.seed)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -231,18 +273,26 @@ class Trainer:
         start = 0
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
-            state = ckpt.load_checkpoint(latest[1], model, optimizer, d)
+            state = json.loads((latest[1] / ckpt.TRAINER_STATE).read_text())  # check before loading
+            changed = recipe_changes(state.get("recipe", {}), r.model_dump(mode="json"))
+            if changed:
+                raise ValueError(
+                    f"{self.run_dir} was started with a different recipe ({', '.join(changed)} changed); "
+                    "resume with the original values or train into a new --output"
+                )
             sampler.check_state(state["sampler"])
             if state["total_steps"] != total:
                 raise ValueError(
                     f"{latest[1]}: made for a {state['total_steps']}-step run, this one has {total} steps "
                     "(epochs, batch size, max_steps or data changed); use a new --output"
                 )
+            state = ckpt.load_checkpoint(latest[1], model, optimizer, d)
             start = state["step"]
             scheduler.load_state_dict(state["scheduler"])
             guard.load_state_dict(state["guard"])
             counters.update(state["counters"])
             self._log(f"resumed from {latest[1]} (step {start}/{total})")
+        self._reload_bad(start)
         loader = StepLoader(
             sources,
             sampler,
@@ -278,6 +328,7 @@ class Trainer:
         try:
             for step in range(start, total):
                 t0 = time.time()
+                lr = optimizer.param_groups[0]["lr"]  # what this step's update uses
                 data = prefetch.get(step, step + 1 if step + 1 < total else None)
                 record = self._train_step(step, data, model, teacher, optimizer, trainable, guard, autocast)
                 with warnings.catch_warnings():  # a skipped step still advances the schedule
@@ -286,9 +337,9 @@ class Trainer:
                 counters["skipped_samples"] += record["skipped_samples_step"]
                 counters["seen_samples"] += record["seen_samples_step"]
                 counters["tokens"] += record["tokens"]
-                self._record_bad(record.pop("bad"))
+                self._record_bad(step, record.pop("bad"))
                 record.update(
-                    lr=schedule.lr_at(step),
+                    lr=lr,
                     tokens_per_s=record["tokens"] / max(time.time() - t0, 1e-9),
                     skipped_steps=guard.skipped,
                     skipped_samples=counters["skipped_samples"],
@@ -298,6 +349,7 @@ class Trainer:
                 self._check_bad_share(counters)
                 if (step + 1) % r.checkpoint.every == 0 or step + 1 == total:
                     state = {
+                        "recipe": r.model_dump(mode="json"),
                         "step": step + 1,
                         "total_steps": total,
                         "sampler": sampler.state_dict(),
@@ -315,6 +367,11 @@ class Trainer:
         finally:
             prefetch.close()
             logger.close()
+        if not last and d.is_main:  # killed after the last checkpoint, before the export
+            from orion_mllm.train.metrics import read_metrics
+
+            done = read_metrics(self.run_dir)
+            last = done[-1] if done else {}
         final = self._export(model, info)
         if d.is_main:
             info = read_run_info(self.run_dir) or info
@@ -340,12 +397,16 @@ class Trainer:
             [local_text, local_vis, data.real_tokens, data.slots, data.good, len(data.bad)], d
         )
         n_micro = all_reduce_max(len(data.micro_batches), d)
+        packed = self.recipe.train.packing
+        (n_rows,) = all_reduce_sum([len(data.micro_batches)], d)
         bad_all = self._gather_bad(data.bad)
         record: dict[str, Any] = {
             "step": step,
             "samples": int(good),
             "tokens": int(tokens),
             "padding_share": 1.0 - tokens / slots if slots else 0.0,
+            # Packed rows are not padded; this is how full the rows' token budgets are.
+            "pack_fill": tokens / (n_rows * self.recipe.train.pack_tokens) if packed and n_rows else None,
             "skipped_samples_step": int(bad),
             "seen_samples_step": int(good + bad),
             "bad": bad_all,
@@ -425,16 +486,26 @@ class Trainer:
         dist.all_gather_object(gathered, list(bad))
         return [b for part in gathered for b in part]
 
-    def _record_bad(self, bad: list[BadSample]) -> None:
+    def _record_bad(self, step: int, bad: list[BadSample]) -> None:
         if not bad or not self.dist.is_main:
             return
-        import json
-
         with open(self.run_dir / BAD_SAMPLES_LOG, "a") as f:
             for b in bad:
-                f.write(json.dumps({"source": b.source, "reason": b.reason}) + "\n")
+                f.write(json.dumps({"step": step, "source": b.source, "reason": b.reason}) + "\n")
                 print(f"skipped sample {b.source}: {b.reason}", flush=True)
         self.bad_seen = getattr(self, "bad_seen", []) + bad
+
+    def _reload_bad(self, start: int) -> None:
+        """On resume: drop log lines of steps that run again, and remember the earlier bad samples."""
+        path = self.run_dir / BAD_SAMPLES_LOG
+        if not self.dist.is_main or not path.is_file():
+            return
+        kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        kept = [x for x in kept if x.get("step", 0) < start]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in kept))
+        tmp.replace(path)
+        self.bad_seen = [BadSample(x["source"], x["reason"]) for x in kept]
 
     def _check_bad_share(self, counters: dict[str, int]) -> None:
         seen, bad = counters["seen_samples"], counters["skipped_samples"]
