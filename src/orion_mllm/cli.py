@@ -10,6 +10,8 @@
     orion eval shapes-gen --oracle --out DIR [--size 64]          oracle renders in GenEval layout, scored
     orion eval shapes-score --images DIR                          score any GenEval-layout folder
     orion train RECIPE.yaml [--output DIR] [--nproc N] [key=value ...]   one training stage (resumes)
+    orion decode --decoder DIR --tokens T.safetensors -o out.png [--steps N --cfg S --seed S]
+    orion convert nexus-gen-decoder SRC DST (--flux FLUX_DIR | --pooled FILE)
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -22,6 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from orion_mllm import __version__
 from orion_mllm.config import PRESETS
@@ -166,6 +169,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any process is spawned
     output = args.output or str(_default_output(args.recipe))
+    if recipe.stage == "decoder":
+        from orion_mllm.decoder.train import DecoderTrainer
+
+        final = DecoderTrainer(recipe, output).run()
+        print(json.dumps({"run_dir": str(Path(output).resolve()), "final_model": str(final)}))
+        return 0
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from orion_mllm.train.trainer import preflight
 
@@ -211,6 +220,67 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 }
             )
         )
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from orion_mllm.decoder.flow import sample
+    from orion_mllm.decoder.model import OrionDecoder
+
+    decoder = OrionDecoder.from_pretrained(args.decoder)
+    decoder.eval()
+    path = Path(args.tokens)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokens file not found: {path}")
+    data = load_file(path)
+    if "tokens" not in data:
+        raise ValueError(
+            f"{path}: expected a tensor named 'tokens' ([N, d] or [B, N, d]), found {sorted(data)}"
+        )
+    tokens = data["tokens"].float()
+    tokens = tokens.unsqueeze(0) if tokens.dim() == 2 else tokens
+    edit = data.get("edit_tokens")
+    if edit is not None:
+        edit = edit.float().unsqueeze(0) if edit.dim() == 2 else edit.float()
+    extra = decoder.config.extra
+    images = sample(
+        decoder, tokens, edit_tokens=edit,
+        steps=args.steps or int(extra.get("sample_steps", 20)),
+        cfg_scale=args.cfg if args.cfg is not None else float(extra.get("cfg_scale", 1.0)),
+        seed=args.seed, shift=float(extra.get("time_shift", 1.0)),
+    )  # fmt: skip
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, img in enumerate(images):
+        target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(target)
+        written.append(str(target))
+    del torch
+    print(json.dumps({"images": written}))
+    return 0
+
+
+def _cmd_convert_nexus_gen(args: argparse.Namespace) -> int:
+    from orion_mllm.decoder.convert import convert_nexus_gen_decoder
+
+    if not (args.flux or args.pooled):
+        raise ValueError(
+            "Nexus-Gen decoders condition on CLIP's pooled embedding of an empty prompt: give --flux "
+            "FLUX_DIR (a local FLUX.1-dev in diffusers layout, also the VAE source) or --pooled FILE"
+        )
+    out = convert_nexus_gen_decoder(
+        args.src, args.dst, flux_path=args.flux, pooled_embedding=args.pooled,
+        num_tokens=args.num_tokens, image_size=args.image_size,
+    )  # fmt: skip
+    print(json.dumps({"decoder": str(out)}))
     return 0
 
 
@@ -301,6 +371,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: runs/<recipe folder>/<recipe name>)")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (FSDP2 via torchrun)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("decode", help="render visual tokens (a .safetensors file) to an image with a decoder")
+    p.add_argument("--decoder", required=True, help="decoder directory (decoder_config.json + weights)")
+    p.add_argument("--tokens", required=True, help="safetensors file with 'tokens' [N, d] or [B, N, d]")
+    p.add_argument("-o", "--output", required=True, help="output PNG (several images: NAME_i.png)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the decoder's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_decode)
+
+    conv = sub.add_parser("convert", help="convert checkpoints from other projects")
+    conv_sub = conv.add_subparsers(dest="what", required=True)
+    p = conv_sub.add_parser(
+        "nexus-gen-decoder", help="a Nexus-Gen generation decoder (DiffSynth FLUX + adapter) -> orion decoder"
+    )
+    p.add_argument("src", help="Nexus-Gen decoder checkpoint (.safetensors/.bin/.pth file or shard folder)")
+    p.add_argument("dst", help="output decoder directory")
+    p.add_argument(
+        "--flux", help="local FLUX.1-dev folder (diffusers layout): VAE + CLIP for the pooled input"
+    )
+    p.add_argument(
+        "--pooled", help="safetensors file holding CLIP-L's pooled embedding of '' (instead of --flux)"
+    )
+    p.add_argument("--num-tokens", type=int, default=81, help="visual tokens per image (81 at 252 px)")
+    p.add_argument("--image-size", type=int, default=512, help="output image side in pixels")
+    p.set_defaults(func=_cmd_convert_nexus_gen)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)

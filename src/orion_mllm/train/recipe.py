@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Stage = Literal["base", "warmup", "pretrain", "sft"]
+Stage = Literal["base", "warmup", "pretrain", "sft"]  # "decoder" recipes are a DecoderRecipe
 
 
 class _Strict(BaseModel):
@@ -174,6 +174,47 @@ class Recipe(_Strict):
         return self
 
 
+class DecoderSection(_Strict):
+    """The diffusion decoder (``orion_mllm.decoder``): architecture preset and flow-matching options."""
+
+    preset: Literal["micro", "tiny", "flux-dev"] = "tiny"
+    patch_size: int | None = Field(None, gt=0, description="override the preset's patch size")
+    cond_dropout: float = Field(0.1, ge=0, lt=1, description="share of conditions dropped (CFG)")
+    time_shift: float = Field(1.0, gt=0, description="FLUX timestep shift (train and sample)")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the weights; null: no EMA")
+    sample_steps: int = Field(20, gt=0, description="default sampling steps saved with the decoder")
+    cfg_scale: float = Field(1.0, ge=0, description="default guidance scale saved with the decoder")
+
+
+class DecoderTrainSection(_Strict):
+    epochs: float = Field(gt=0)
+    global_batch_size: int = Field(gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+    max_bad_sample_share: float = Field(0.01, ge=0, le=1)
+    log_every: int = Field(10, gt=0)
+
+
+class DecoderRecipe(_Strict):
+    """Decoder training: images -> frozen vision-tower tokens (condition) -> the same image (target)."""
+
+    stage: Literal["decoder"]
+    description: str = ""
+    encoder: str = Field(
+        description="whose vision tower makes the tokens: 'previous' (the finished stage-0 base run next "
+        "to this one), 'preset:NAME', or a Qwen2.5-VL / ORION directory"
+    )
+    decoder: DecoderSection = DecoderSection()
+    optim: OptimSection
+    train: DecoderTrainSection
+    resolution: ResolutionSection
+    data_root: str | None = None
+    shapes_data: ShapesDataSection | None = None
+    data: list[DatasetEntry] = Field(min_length=1)
+    checkpoint: CheckpointSection = CheckpointSection()
+    anomaly: AnomalySection = AnomalySection()
+
+
 class RecipeError(ValueError):
     """A recipe file or override that does not validate; the message names file and keys."""
 
@@ -216,16 +257,19 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe | DecoderRecipe:
+    """A stage recipe (``Recipe``), or a ``DecoderRecipe`` when ``stage: decoder``."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
     try:
+        if data.get("stage") == "decoder":
+            return DecoderRecipe.model_validate(data)
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"{where}: {_format_errors(err)}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe | DecoderRecipe:
     """Read, override and validate a recipe YAML file."""
     path = Path(path)
     if not path.is_file():
@@ -239,6 +283,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return parse_recipe(data, str(path))
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
+def recipe_to_yaml(recipe: Recipe | DecoderRecipe) -> str:
     """The resolved recipe, as saved in a run directory."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

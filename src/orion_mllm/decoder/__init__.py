@@ -1,0 +1,1 @@
+"""Diffusion decoder: visual tokens -> pixels (model, flow matching, training, conversion)."""
