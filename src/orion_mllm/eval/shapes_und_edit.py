@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from orion_mllm.data.shapes.datasets import format_mcq
-from orion_mllm.data.shapes.scorer import detect_objects
+from orion_mllm.data.shapes.scorer import Detection, detect_objects
 from orion_mllm.data.shapes.world import COLOURS, SHAPES, Scene
 
 AnswerFn = Callable[[Path, list[dict[str, str]]], str]
@@ -109,20 +109,12 @@ def _accuracy_by_group(hits: dict[str, list[bool]], count_key: str) -> dict[str,
     return result
 
 
-def edit_correct(record: dict[str, Any], output: Image.Image, position_tolerance: float = 0.1) -> bool:
-    """Whether ``output`` shows the record's target scene (see module docstring)."""
-    target = Scene.from_dict(record["scene"])
-    dets = detect_objects(output)
+def _objects_present(
+    dets: Sequence[Detection], target: Scene, free: set[int], position_tolerance: float
+) -> bool:
+    """Same (colour, shape) multiset as ``target``, and every object not in ``free`` near its place."""
     if Counter((d.colour, d.shape) for d in dets) != Counter((o.colour, o.shape) for o in target.objects):
         return False
-    free = {len(target.objects) - 1} if record["op"] == "add" else set()
-    if record["op"] == "move":
-        # "Move X to the left" is right if X went clearly that way; the exact edge spot is not required.
-        source = Scene.from_dict(record["source"])
-        k = next(i for i, (a, b) in enumerate(zip(source.objects, target.objects, strict=True)) if a != b)
-        if not _moved_towards(source.objects[k], target.objects[k], dets, position_tolerance):
-            return False
-        free.add(k)
     for k, obj in enumerate(target.objects):
         if k in free:
             continue
@@ -134,6 +126,27 @@ def edit_correct(record: dict[str, Any], output: Image.Image, position_tolerance
         if not near:
             return False
     return True
+
+
+def scene_matches(image: Image.Image, scene: Scene | dict[str, Any], position_tolerance: float = 0.1) -> bool:
+    """Whether ``image`` shows exactly ``scene``'s objects (colour, shape, count), each near its position."""
+    target = Scene.from_dict(scene) if isinstance(scene, dict) else scene
+    return _objects_present(detect_objects(image), target, set(), position_tolerance)
+
+
+def edit_correct(record: dict[str, Any], output: Image.Image, position_tolerance: float = 0.1) -> bool:
+    """Whether ``output`` shows the record's target scene (see module docstring)."""
+    target = Scene.from_dict(record["scene"])
+    dets = detect_objects(output)
+    free = {len(target.objects) - 1} if record["op"] == "add" else set()
+    if record["op"] == "move":
+        # "Move X to the left" is right if X went clearly that way; the exact edge spot is not required.
+        source = Scene.from_dict(record["source"])
+        k = next(i for i, (a, b) in enumerate(zip(source.objects, target.objects, strict=True)) if a != b)
+        if not _moved_towards(source.objects[k], target.objects[k], dets, position_tolerance):
+            return False
+        free.add(k)
+    return _objects_present(dets, target, free, position_tolerance)
 
 
 def _moved_towards(before, after, dets, tolerance: float) -> bool:
