@@ -300,7 +300,9 @@ def test_micro_stages_0_to_3_end_to_end(tmp_path, shapes_root):
     plan = [("stage0_base", 30), ("stage1_warmup", 25), ("stage2_pretrain", 25), ("stage3_sft", 20)]
     results = {}
     for stem, steps in plan:
-        recipe = micro_recipe(f"{stem}.yaml", shapes_root, f"max_steps={steps}", "train.global_batch_size=16")
+        recipe = micro_recipe(
+            f"{stem}.yaml", shapes_root, f"max_steps={steps}", "train.global_batch_size=16", "train.epochs=100"
+        )
         results[stem] = Trainer(recipe, runs / stem, tensorboard=False).run()
 
     def falls(run, key):
@@ -324,7 +326,9 @@ def test_micro_stages_0_to_3_end_to_end(tmp_path, shapes_root):
     model = OrionModel.from_pretrained(results["stage3_sft"].final_model)
     assert model.config.image_spec.gen_image_size == 48
     # Re-running a finished stage does nothing (and says so) instead of training again.
-    stage0 = micro_recipe("stage0_base.yaml", shapes_root, "max_steps=30", "train.global_batch_size=16")
+    stage0 = micro_recipe(
+        "stage0_base.yaml", shapes_root, "max_steps=30", "train.global_batch_size=16", "train.epochs=100"
+    )
     again = Trainer(stage0, runs / "stage0_base", tensorboard=False).run()
     assert again.steps == 30 and len(read_metrics(runs / "stage0_base")) == 30
 
