@@ -301,7 +301,11 @@ def test_micro_stages_0_to_3_end_to_end(tmp_path, shapes_root):
     results = {}
     for stem, steps in plan:
         recipe = micro_recipe(
-            f"{stem}.yaml", shapes_root, f"max_steps={steps}", "train.global_batch_size=16", "train.epochs=100"
+            f"{stem}.yaml",
+            shapes_root,
+            f"max_steps={steps}",
+            "train.global_batch_size=16",
+            "train.epochs=100",
         )
         results[stem] = Trainer(recipe, runs / stem, tensorboard=False).run()
 
