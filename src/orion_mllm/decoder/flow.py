@@ -46,6 +46,7 @@ def flow_matching_loss(
     t = sample_times(b, shift=shift, generator=generator).to(device=device, dtype=x0.dtype)
     xt = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * noise
     cond, ids = decoder.condition(tokens, edit_tokens)
+    spatial = decoder.spatial_condition(tokens, b)
     if cond_dropout > 0:
         drop = (torch.rand(b, generator=generator) < cond_dropout).to(device)
         if bool(drop.any()):
@@ -54,7 +55,9 @@ def flow_matching_loss(
             n = null.shape[1]
             cond = cond.clone()
             cond[drop, :n] = null[drop].to(cond.dtype)
-    pred = decoder(xt, t, cond, ids)
+            if spatial is not None:
+                spatial = spatial * (~drop).view(b, 1, 1).to(spatial.dtype)
+    pred = decoder(xt, t, cond, ids, spatial=spatial)
     return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
 
@@ -87,17 +90,19 @@ def sample(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, c.grid * c.grid, c.in_channels, generator=gen).to(device=device, dtype=dtype)
     cond, ids = decoder.condition(tokens.to(dtype), None if edit_tokens is None else edit_tokens.to(dtype))
+    spatial = decoder.spatial_condition(tokens.to(dtype), b)
     use_cfg = cfg_scale != 1.0
     if use_cfg:
         null, _ = decoder.condition(None, batch=b)
         uncond = cond.clone()
         uncond[:, : null.shape[1]] = null.to(dtype)
+        spatial_uncond = decoder.spatial_condition(None, b)
     scheduler = make_scheduler(steps, shift)
     for t in scheduler.timesteps:
         tt = torch.full((b,), float(t) / 1000.0, device=device, dtype=dtype)
-        v = decoder(x, tt, cond, ids)
+        v = decoder(x, tt, cond, ids, spatial=spatial)
         if use_cfg:
-            v_uncond = decoder(x, tt, uncond, ids)
+            v_uncond = decoder(x, tt, uncond, ids, spatial=spatial_uncond)
             v = v_uncond + cfg_scale * (v - v_uncond)
         x = scheduler.step(v, t, x, return_dict=False)[0]
     latents = decoder.unpack(x)

@@ -166,9 +166,13 @@ class DecoderTrainer:
             "sample_steps": r.decoder.sample_steps,
             "cfg_scale": r.decoder.cfg_scale,
         }
-        cfg = dataclasses.replace(
-            cfg, extra=extra, **({"patch_size": r.decoder.patch_size} if r.decoder.patch_size else {})
-        )
+        overrides = {
+            k: v
+            for k, v in (("patch_size", r.decoder.patch_size), ("prediction", r.decoder.prediction),
+                         ("spatial_cond", r.decoder.spatial_cond))
+            if v is not None
+        }  # fmt: skip
+        cfg = dataclasses.replace(cfg, extra=extra, **overrides)
         decoder = OrionDecoder(cfg).to(d.device)
         decoder.train()
         state = nn.ModuleDict({"decoder": decoder})
