@@ -105,12 +105,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         sample(dec, torch.randn(1, 9, 32), steps=0)
 
 
+LEARNING_CHECK_STEPS = 300
+
+
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / ((a - b) ** 2).mean().clamp(min=1e-10)))
 
 
 def test_micro_decoder_learns_to_reconstruct_in_a_minute(tmp_path):
-    """Trained inside the test for <= 60 s, PSNR on its training images rises by >= 3 dB."""
+    """300 steps inside the test (~9 s here; measured 4.9 -> 10.7 dB): PSNR on its training images rises >= 3 dB."""
     from orion_mllm.data.shapes.render import render_scene
     from orion_mllm.data.shapes.world import sample_scene
 
@@ -132,15 +135,18 @@ def test_micro_decoder_learns_to_reconstruct_in_a_minute(tmp_path):
     before = psnr()
     opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
+    # A fixed number of steps (not a time budget) so the result does not depend on the machine's load.
     t0, steps = time.time(), 0
-    while time.time() - t0 < 45 and steps < 1500:
+    while steps < LEARNING_CHECK_STEPS:
         loss = flow_matching_loss(dec, latents, tokens, cond_dropout=0.0, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         steps += 1
     after = psnr()
-    assert after >= before + 3, f"PSNR {before:.2f} -> {after:.2f} dB after {steps} steps"
+    assert after >= before + 3, (
+        f"PSNR {before:.2f} -> {after:.2f} dB after {steps} steps ({time.time() - t0:.0f} s)"
+    )
 
 
 @pytest.fixture(scope="module")
