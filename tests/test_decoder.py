@@ -113,7 +113,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_micro_decoder_learns_to_reconstruct_in_a_minute(tmp_path):
-    """300 steps inside the test (~9 s here; measured 4.9 -> 10.7 dB): PSNR on its training images rises >= 3 dB."""
+    """300 steps inside the test (~9 s; measured 4.9 -> 10.7 dB): training-image PSNR rises >= 3 dB."""
     from orion_mllm.data.shapes.render import render_scene
     from orion_mllm.data.shapes.world import sample_scene
 
