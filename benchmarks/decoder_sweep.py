@@ -126,7 +126,7 @@ def main() -> int:
     train_seconds = time.time() - t0
     dec.eval()
     results = {}
-    for cfg_scale in (1.0, 2.0):
+    for cfg_scale in (1.0, 2.0, 3.0):
         out = sample(dec, htok, steps=20, cfg_scale=cfg_scale, seed=0)
         results[f"cfg{cfg_scale:g}"] = dict(
             zip(("scorer_accuracy", "psnr"), _score(out, hpx, hrecs), strict=True)

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from orion_mllm.data.mixture import MixtureSampler
-from orion_mllm.data.sources import DataError, open_dataset
+from orion_mllm.data.sources import DataError
 from orion_mllm.decoder.flow import flow_matching_loss
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.images import ImageLoadError, load_image, resize_for_generation
@@ -35,6 +34,7 @@ from orion_mllm.model.backbone import build_backbone, encode_images, load_backbo
 from orion_mllm.sequence import ConversationError, ImagePart, parse_conversation
 from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import AnomalyGuard
+from orion_mllm.train.batches import open_mixture
 from orion_mllm.train.distributed import init_distributed
 from orion_mllm.train.metrics import MetricsLogger, read_metrics
 from orion_mllm.train.recipe import DecoderRecipe, recipe_to_yaml
@@ -185,13 +185,7 @@ class DecoderTrainer:
              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
             lr=o.max_lr, betas=o.betas, eps=o.eps,
         )  # fmt: skip
-        sources = [open_dataset(e, r.data_root, seed=r.train.seed) for e in r.data]
-        sampler = MixtureSampler(
-            [len(s) for s in sources],
-            [e.weight for e in r.data],
-            seed=r.train.seed,
-            names=[e.name for e in r.data],
-        )
+        sources, sampler = open_mixture(r)
         g = r.train.global_batch_size
         total = max(1, math.ceil(r.train.epochs * sampler.samples_per_epoch / g))
         total = min(total, r.train.max_steps) if r.train.max_steps else total

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from orion_mllm.data.mixture import MixtureSampler
-from orion_mllm.data.sources import DataError, DatasetSource
+from orion_mllm.data.sources import DataError, DatasetSource, open_dataset
 from orion_mllm.images import ImageLoadError
 from orion_mllm.sequence import (
     IGNORE_INDEX,
@@ -54,6 +54,18 @@ class StepData:
     @property
     def slots(self) -> int:
         return sum(int(b.input_ids.numel()) for b in self.micro_batches)
+
+
+def open_mixture(recipe) -> tuple[list[DatasetSource], MixtureSampler]:
+    """Open every ``data`` entry of a recipe (stage or decoder) and the weighted mixture over them."""
+    sources = [open_dataset(e, recipe.data_root, seed=recipe.train.seed) for e in recipe.data]
+    sampler = MixtureSampler(
+        [len(s) for s in sources],
+        [e.weight for e in recipe.data],
+        seed=recipe.train.seed,
+        names=[e.name for e in recipe.data],
+    )
+    return sources, sampler
 
 
 def text_targets(batch: Batch) -> int:

@@ -33,13 +33,19 @@ import torch
 from torch import nn
 
 from orion_mllm.data.mixture import MixtureSampler
-from orion_mllm.data.sources import open_dataset
 from orion_mllm.losses import LossWeights
 from orion_mllm.model.backbone import save_processor
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import AnomalyGuard
-from orion_mllm.train.batches import BadSample, Prefetcher, StepLoader, text_targets, visual_targets
+from orion_mllm.train.batches import (
+    BadSample,
+    Prefetcher,
+    StepLoader,
+    open_mixture,
+    text_targets,
+    visual_targets,
+)
 from orion_mllm.train.distributed import (
     DistState,
     all_reduce_max,
@@ -132,8 +138,7 @@ def preflight(recipe: Recipe, run_dir: str | Path) -> None:
     if old is None:
         init = resolve_init(recipe, run_dir)
         resolve_teacher(recipe, init)
-    for entry in recipe.data:
-        open_dataset(entry, recipe.data_root, seed=recipe.train.seed)
+    open_mixture(recipe)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -205,17 +210,6 @@ class Trainer:
             ckpt.remove_incomplete(self.run_dir)
         return broadcast_object(info, self.dist)
 
-    def _open_data(self) -> tuple[list, MixtureSampler]:
-        r = self.recipe
-        sources = [open_dataset(e, r.data_root, seed=r.train.seed) for e in r.data]
-        sampler = MixtureSampler(
-            [len(s) for s in sources],
-            [e.weight for e in r.data],
-            seed=r.train.seed,
-            names=[e.name for e in r.data],
-        )
-        return sources, sampler
-
     def total_steps(self, sampler: MixtureSampler) -> int:
         t = self.recipe.train
         steps = max(1, math.ceil(t.epochs * sampler.samples_per_epoch / t.global_batch_size))
@@ -264,7 +258,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             _param_groups(model, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps, foreach=True
         )
-        sources, sampler = self._open_data()
+        sources, sampler = open_mixture(r)
         total = self.total_steps(sampler)
         schedule = LRSchedule(o.max_lr, o.min_lr, o.scheduler, o.warmup_ratio, total)
         scheduler = build_scheduler(optimizer, schedule)
