@@ -496,7 +496,18 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
             grids.append(item.image_grid_thw)
         if item.visual_tokens is not None:
             tokens.append(item.visual_tokens)
-    if tokens and sum(t.shape[0] for t in tokens) != token_offset:
+    return _assemble_batch(
+        input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
+        token_offset, packed=False,
+    )  # fmt: skip
+
+
+def _assemble_batch(
+    input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
+    n_visual_tokens: int, *, packed: bool,
+) -> Batch:  # fmt: skip
+    """The shared tail of ``collate`` and ``collate_packed``: concatenate the per-sample visual lists."""
+    if tokens and sum(t.shape[0] for t in tokens) != n_visual_tokens:
         raise ValueError("some conversations in the batch have visual tokens attached and others not")
     return Batch(
         input_ids=input_ids,
@@ -509,6 +520,7 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
         visual_positions=torch.cat(vis_pos).long(),
         visual_target_index=torch.cat(vis_idx).long(),
         mm_token_type_ids=mm_types,
+        packed=packed,
     )
 
 
@@ -598,18 +610,7 @@ def collate_packed(
             offset = end
         # Padding restarts at 0: its own segment (a jump in the text row), never attended by real tokens.
         position_ids[:, row, offset:] = torch.arange(width - offset)
-    if tokens and sum(t.shape[0] for t in tokens) != token_offset:
-        raise ValueError("some conversations in the batch have visual tokens attached and others not")
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        labels=labels,
-        position_ids=position_ids,
-        visual_tokens=torch.cat(tokens) if tokens else None,
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
-        visual_positions=torch.cat(vis_pos).long(),
-        visual_target_index=torch.cat(vis_idx).long(),
-        mm_token_type_ids=mm_types,
-        packed=True,
-    )
+    return _assemble_batch(
+        input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
+        token_offset, packed=True,
+    )  # fmt: skip
