@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.max_lr=4e-3")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,6 +58,7 @@ def main() -> int:
     overrides = [f"data_root={data}", f"encoder={args.encoder or 'preset:' + args.preset}"]
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
+    overrides += args.overrides
     recipe = load_recipe(REPO / f"recipes/shapes/{args.preset}/decoder.yaml", overrides)
     t0 = time.time()
     final = DecoderTrainer(recipe, out).run()
