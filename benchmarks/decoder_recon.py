@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--eval-only", default=None, help="score this trained decoder directory; no training")
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.max_lr=4e-3")
     args = ap.parse_args()
     if args.threads:
@@ -60,10 +61,18 @@ def main() -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     overrides += args.overrides
     recipe = load_recipe(REPO / f"recipes/shapes/{args.preset}/decoder.yaml", overrides)
-    t0 = time.time()
-    final = DecoderTrainer(recipe, out).run()
-    train_minutes = (time.time() - t0) / 60
-    info = json.loads((out / "run.json").read_text())
+    if args.eval_only:
+        final, train_minutes = Path(args.eval_only), None
+        info = (
+            json.loads((final.parent / "run.json").read_text())
+            if (final.parent / "run.json").is_file()
+            else {}
+        )
+    else:
+        t0 = time.time()
+        final = DecoderTrainer(recipe, out).run()
+        train_minutes = (time.time() - t0) / 60
+        info = json.loads((out / "run.json").read_text())
 
     decoder = OrionDecoder.from_pretrained(final).eval()
     encoder = TokenEncoder(decoder.config.extra["encoder"], recipe, torch.device("cpu"))
@@ -108,7 +117,7 @@ def main() -> int:
         "images": len(records),
         "scorer_accuracy": correct / len(records),
         "psnr": float(np.mean(psnrs)),
-        "train_minutes": round(train_minutes, 2),
+        "train_minutes": None if train_minutes is None else round(train_minutes, 2),
         "steps": int(info.get("steps", 0)),
         "sample_steps": args.steps,
         "cfg_scale": args.cfg,
@@ -116,7 +125,7 @@ def main() -> int:
         "grid": str(out / "reconstructions.png"),
     }
     print(f"scorer accuracy {result['scorer_accuracy']:.3f}, PSNR {result['psnr']:.2f} dB, "
-          f"{result['steps']} steps in {result['train_minutes']:.1f} min")  # fmt: skip
+          f"{result['steps']} steps, trained in {result['train_minutes']} min")  # fmt: skip
     print(json.dumps(result))
     return 0
 
