@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proc_memory import reset_peak_rss, status_mib  # benchmarks/ is the script folder
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 RESULT_PREFIX = "RESULT "
@@ -48,26 +50,6 @@ MIB = 1024 * 1024
 # --------------------------------------------------------------------------------------------------
 # helpers shared by parent and child
 # --------------------------------------------------------------------------------------------------
-
-
-def _status_mib(field: str) -> float | None:
-    """A ``kB`` field of /proc/self/status in MiB (Linux only)."""
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) / 1024 if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _meminfo_gib(field: str) -> float | None:
@@ -147,8 +129,8 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         out["baseline_mib"] = torch.cuda.memory_allocated() / MIB
     else:
-        out["peak_reset"] = _reset_peak_rss()
-        out["baseline_mib"] = _status_mib("VmRSS")
+        out["peak_reset"] = reset_peak_rss()
+        out["baseline_mib"] = status_mib("VmRSS")
 
     t0 = time.perf_counter()
     try:
@@ -173,8 +155,8 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
             out["peak_at_failure_mib"] = torch.cuda.max_memory_allocated() / MIB
             out["resident_at_failure_mib"] = torch.cuda.memory_allocated() / MIB
         else:
-            out["peak_at_failure_mib"] = _status_mib("VmHWM")
-            out["resident_at_failure_mib"] = _status_mib("VmRSS")
+            out["peak_at_failure_mib"] = status_mib("VmHWM")
+            out["resident_at_failure_mib"] = status_mib("VmRSS")
         requested = re.search(r"allocate (\d+) bytes", msg) or re.search(r"allocate ([\d.]+) GiB", msg)
         if requested and out["resident_at_failure_mib"] is not None:
             req_mib = float(requested.group(1)) / (MIB if "bytes" in requested.group(0) else 1 / 1024)
@@ -193,7 +175,7 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / MIB
     else:
-        out["peak_mib"] = _status_mib("VmHWM")
+        out["peak_mib"] = status_mib("VmHWM")
     if out.get("peak_mib") is not None and out.get("baseline_mib") is not None:
         out["transient_mib"] = out["peak_mib"] - out["baseline_mib"]
     return out

@@ -53,13 +53,14 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+
+from proc_memory import reset_peak_rss, status_mib  # benchmarks/ is the script folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -73,13 +74,14 @@ from orion_mllm.data.shapes.datasets import write_shapes_dataset  # noqa: E402
 from orion_mllm.losses import LossWeights, liger_available  # noqa: E402
 from orion_mllm.model.orion import KLTeacher, OrionModel, make_teacher  # noqa: E402
 from orion_mllm.sequence import (  # noqa: E402
-    IGNORE_INDEX,
     Batch,
     EncodedConversation,
     collate,
     collate_packed,
     pack_first_fit_decreasing,
 )
+from orion_mllm.train.batches import text_targets, visual_targets  # noqa: E402
+from orion_mllm.train.trainer import param_groups  # noqa: E402
 
 MIB = 1024**2
 # Per-preset defaults: (global batch, pack tokens). The generation image size comes from the preset.
@@ -97,26 +99,6 @@ STAGE2_WEIGHTS = LossWeights(ce=1.0, mse=1.0, kl=0.01)
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _status_mib(field: str) -> float | None:
-    """A ``kB`` field of /proc/self/status in MiB (Linux only)."""
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) / 1024 if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _numel(module: torch.nn.Module | None) -> int:
@@ -160,14 +142,6 @@ def load_records(root: Path, tasks: list[str]) -> list[tuple[str, dict[str, Any]
                 rec[key] = [str(root / p) for p in v]
         out.append((f"{t}.jsonl:{taken[t]}", rec))
     return out
-
-
-def text_targets(batch: Batch) -> int:
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def visual_targets(batch: Batch) -> int:
-    return int(batch.visual_positions.shape[0])
 
 
 def build_micro_batches(
@@ -225,18 +199,6 @@ def attention_pairs(items: list[EncodedConversation], batches: list[Batch]) -> d
 # --------------------------------------------------------------------------------------------------
 # the step
 # --------------------------------------------------------------------------------------------------
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """As the trainer: no decay on biases and norm scales (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 def train_step(
@@ -325,7 +287,7 @@ def run_mode(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        result["peak_reset"] = _reset_peak_rss()
+        result["peak_reset"] = reset_peak_rss()
     times, losses = [], []
     for i in range(args.steps):
         sync()
@@ -349,7 +311,7 @@ def run_mode(
         tokens_per_s=real / step_s,
         samples_per_s=args.global_batch / step_s,
         last_loss=losses[-1],
-        peak_mem_mib=(torch.cuda.max_memory_allocated(device) / MIB) if cuda else _status_mib("VmHWM"),
+        peak_mem_mib=(torch.cuda.max_memory_allocated(device) / MIB) if cuda else status_mib("VmHWM"),
     )
     attn = attention_pairs(items, micro_batches)
     # Score + weighted sum (2 matmuls, 2 FLOPs per MAC) over the attention width (heads x head_dim):

@@ -47,6 +47,7 @@ from orion_mllm.train.setup import (
     recipe_image_spec,
     write_run_info,
 )
+from orion_mllm.train.trainer import param_groups
 
 BAD_SAMPLES_LOG = "skipped_samples.jsonl"
 
@@ -181,10 +182,8 @@ class DecoderTrainer:
         trainable = [p for p in decoder.parameters() if p.requires_grad]
         o = r.optim
         optimizer = torch.optim.AdamW(
-            [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
-            lr=o.max_lr, betas=o.betas, eps=o.eps,
-        )  # fmt: skip
+            param_groups(decoder, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps
+        )
         sources, sampler = open_mixture(r)
         g = r.train.global_batch_size
         total = max(1, math.ceil(r.train.epochs * sampler.samples_per_epoch / g))

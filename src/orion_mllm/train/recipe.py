@@ -71,19 +71,24 @@ class OptimSection(_Strict):
         return self
 
 
-class TrainSection(_Strict):
+class StepsSection(_Strict):
+    """How long a run is and how it reads data: shared by stage and decoder recipes."""
+
     epochs: float = Field(gt=0)
     global_batch_size: int = Field(gt=0, description="samples per optimizer step, all devices together")
-    micro_batch_size: int = Field(gt=0, description="samples per device per forward")
     max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps (smoke runs)")
     seed: int = 0
-    packing: bool = Field(True, description="pack samples into rows of pack_tokens (else pad micro-batches)")
-    pack_tokens: int = Field(4096, gt=0, description="token budget of one packed micro-batch row")
     max_bad_sample_share: float = Field(
         0.01, ge=0, le=1, description="abort when more than this share of samples is unreadable"
     )
-    activation_checkpointing: bool = False
     log_every: int = Field(10, gt=0, description="steps between plain log lines when not on a terminal")
+
+
+class TrainSection(StepsSection):
+    micro_batch_size: int = Field(gt=0, description="samples per device per forward")
+    packing: bool = Field(True, description="pack samples into rows of pack_tokens (else pad micro-batches)")
+    pack_tokens: int = Field(4096, gt=0, description="token budget of one packed micro-batch row")
+    activation_checkpointing: bool = False
 
 
 class ResolutionSection(_Strict):
@@ -188,15 +193,6 @@ class DecoderSection(_Strict):
     cfg_scale: float = Field(1.0, ge=0, description="default guidance scale saved with the decoder")
 
 
-class DecoderTrainSection(_Strict):
-    epochs: float = Field(gt=0)
-    global_batch_size: int = Field(gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    seed: int = 0
-    max_bad_sample_share: float = Field(0.01, ge=0, le=1)
-    log_every: int = Field(10, gt=0)
-
-
 class DecoderRecipe(_Strict):
     """Decoder training: images -> frozen vision-tower tokens (condition) -> the same image (target)."""
 
@@ -208,7 +204,7 @@ class DecoderRecipe(_Strict):
     )
     decoder: DecoderSection = DecoderSection()
     optim: OptimSection
-    train: DecoderTrainSection
+    train: StepsSection
     resolution: ResolutionSection
     data_root: str | None = None
     shapes_data: ShapesDataSection | None = None

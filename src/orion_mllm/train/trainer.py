@@ -141,8 +141,8 @@ def preflight(recipe: Recipe, run_dir: str | Path) -> None:
     open_mixture(recipe)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on biases and norm scales (1-D tensors): standard for transformer training.
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases and norm scales (1-D tensors), as usual for transformers."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -256,7 +256,7 @@ class Trainer:
 
         o = r.optim
         optimizer = torch.optim.AdamW(
-            _param_groups(model, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps, foreach=True
+            param_groups(model, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps, foreach=True
         )
         sources, sampler = open_mixture(r)
         total = self.total_steps(sampler)
