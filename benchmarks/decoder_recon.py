@@ -46,8 +46,8 @@ def main() -> int:
     ap.add_argument("--encoder", default=None, help="default preset:<preset>")
     ap.add_argument("--data", default=None, help="ShapesWorld folder (default data/shapes-<preset>)")
     ap.add_argument("--out", default=None, help="run directory (default runs/bench-decoder-<preset>)")
-    ap.add_argument("--steps", type=int, default=20, help="sampling steps")
-    ap.add_argument("--cfg", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the decoder's)")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the decoder's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--eval-only", default=None, help="score this trained decoder directory; no training")
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.max_lr=4e-3")
@@ -75,6 +75,9 @@ def main() -> int:
         info = json.loads((out / "run.json").read_text())
 
     decoder = OrionDecoder.from_pretrained(final).eval()
+    extra = decoder.config.extra
+    args.steps = args.steps or int(extra.get("sample_steps", 20))
+    args.cfg = float(extra.get("cfg_scale", 1.0)) if args.cfg is None else args.cfg
     encoder = TokenEncoder(decoder.config.extra["encoder"], recipe, torch.device("cpu"))
     root = Path(data)
     records = [json.loads(x) for x in (root / "heldout_gen.jsonl").read_text().splitlines() if x.strip()]

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from orion_mllm.data.shapes.datasets import write_shapes_dataset  # noqa: E402
+from orion_mllm.decoder.coarse import CoarseFit  # noqa: E402
 from orion_mllm.decoder.flow import flow_matching_loss, sample  # noqa: E402
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset  # noqa: E402
 from orion_mllm.eval.shapes_und_edit import scene_matches  # noqa: E402
@@ -60,6 +61,10 @@ def main() -> int:
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--prediction", default="sample", choices=["velocity", "sample"])
     ap.add_argument("--spatial-cond", type=int, default=64)
+    ap.add_argument("--loss-space", default="velocity", choices=["velocity", "sample"])
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget only)")
+    ap.add_argument("--coarse-rank", type=int, default=0, help="fitted coarse estimate's rank (0: off)")
+    ap.add_argument("--width", type=int, default=0, help="attention heads x 32 (0: the preset's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,16 +111,34 @@ def main() -> int:
         "tiny", token_dim=tok.shape[-1], num_tokens=tok.shape[1], image_size=spec.gen_image_size
     )
     cfg = dataclasses.replace(
-        cfg, patch_size=args.patch, prediction=args.prediction, spatial_cond=args.spatial_cond
+        cfg,
+        patch_size=args.patch,
+        prediction=args.prediction,
+        spatial_cond=args.spatial_cond,
+        coarse_rank=args.coarse_rank,
     )
+    if args.width:
+        cfg = dataclasses.replace(
+            cfg, num_attention_heads=args.width // 32, joint_attention_dim=args.width,
+            pooled_projection_dim=args.width, adapter_hidden=2 * args.width,
+        )  # fmt: skip
     dec = OrionDecoder(cfg)
     opt = torch.optim.AdamW(dec.parameters(), lr=args.lr, weight_decay=0.0)
     lat = dec.encode_images(px)
+    if args.coarse_rank:
+        fit = CoarseFit(dec)
+        for i in range(0, len(lat), 500):
+            fit.update(tok[i : i + 500], lat[i : i + 500])
+        print("coarse fit", fit.solve(), flush=True)
+        coarse = dec.decode_latents(dec.coarse_latents(htok))
+        print("coarse alone (held-out)", _score(coarse, hpx, hrecs), flush=True)
     g = torch.Generator().manual_seed(0)
     steps, t0 = 0, time.time()
-    while time.time() - t0 < args.budget:
+    while time.time() - t0 < args.budget and not (args.max_steps and steps >= args.max_steps):
         idx = torch.randint(0, len(lat), (args.batch,), generator=g)
-        loss = flow_matching_loss(dec, lat[idx], tok[idx], generator=g, cond_dropout=0.1)
+        loss = flow_matching_loss(
+            dec, lat[idx], tok[idx], generator=g, cond_dropout=0.1, loss_space=args.loss_space
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)

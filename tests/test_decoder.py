@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from orion_mllm.data.shapes.datasets import write_shapes_dataset
+from orion_mllm.decoder.coarse import CoarseFit
 from orion_mllm.decoder.flow import flow_matching_loss, make_scheduler, sample
 from orion_mllm.decoder.model import DecoderConfig, OrionDecoder, decoder_preset
 from orion_mllm.decoder.train import DecoderTrainer
@@ -48,6 +49,38 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     assert after.item() < before.item()
 
 
+def test_sample_space_loss_is_the_clean_sample_error():
+    """loss_space="sample" scores the clean image the network implies (x_0 = x_t - t v), so each noise
+    level weighs alike; "velocity" is FLUX's velocity error. Both from the same draws."""
+    dec = _micro("sample")
+    latents = torch.rand(4, 3, 48, 48) * 2 - 1
+    tokens = torch.randn(4, 9, 32)
+
+    def draws():
+        g = torch.Generator().manual_seed(11)
+        x0 = dec.pack(latents)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(4, generator=g))  # FLUX's logit-normal times (shift 1)
+        return x0, noise, t
+
+    x0, noise, t = draws()
+    assert bool((t > 0.05).all())  # the implied-x_0 identity below holds above the clamp
+    xt = (1 - t.view(4, 1, 1)) * x0 + t.view(4, 1, 1) * noise
+    cond, ids = dec.condition(tokens)
+    with torch.no_grad():
+        v = dec(xt, t, cond, ids)
+        got = {
+            space: flow_matching_loss(dec, latents, tokens, cond_dropout=0.0, loss_space=space,
+                                      generator=torch.Generator().manual_seed(11)).item()
+            for space in ("velocity", "sample")
+        }  # fmt: skip
+    implied_x0 = xt - t.view(4, 1, 1) * v
+    assert got["sample"] == pytest.approx(((implied_x0 - x0) ** 2).mean().item(), rel=1e-4)
+    assert got["velocity"] == pytest.approx(((v - (noise - x0)) ** 2).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="loss_space='pixels'"):
+        flow_matching_loss(dec, latents, tokens, loss_space="pixels")
+
+
 @pytest.mark.parametrize("prediction", ["velocity", "sample"])
 def test_one_step_sampler_is_one_analytic_euler_step(prediction):
     dec = _micro(prediction).eval()
@@ -80,12 +113,82 @@ def test_same_seed_same_image_and_cfg_changes_it():
     assert e.shape == (1, 3, 48, 48)
 
 
-def test_save_load_round_trip_gives_identical_samples(tmp_path):
-    dec = _micro("sample").eval()
+def _fitted_coarse_decoder(rank: int = 8, n: int = 120, noise: float = 0.0, seed: int = 0):
+    """A micro decoder whose coarse map is fitted on tokens -> latents that follow a known map of rank
+    ``rank`` (plus optional noise); returns the decoder, the fit's stats, tokens and latents."""
+    dec = _micro("sample", spatial_cond=16, coarse_rank=rank)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n, 9, 32, generator=g) * 2 + 0.5
+    true_in = torch.randn(9 * 32, rank, generator=g) / 17
+    true_out = torch.randn(rank, 3 * 48 * 48, generator=g) / 3
+    mean = torch.rand(3 * 48 * 48, generator=g) - 0.5
+    flat = (tokens.reshape(n, -1) - 0.5) @ true_in @ true_out + mean
+    latents = (flat + noise * torch.randn(flat.shape, generator=g)).reshape(n, 3, 48, 48)
+    fit = CoarseFit(dec)
+    for i in range(0, n, 50):  # streamed in batches, like the trainer
+        fit.update(tokens[i : i + 50], latents[i : i + 50])
+    return dec, fit.solve(ridge=1e-6), tokens, latents
+
+
+def test_coarse_fit_recovers_a_linear_map():
+    dec, stats, tokens, latents = _fitted_coarse_decoder(rank=8)
+    assert stats["images"] == 120 and stats["train_r2"] > 0.9999 and stats["rank_energy_kept"] > 0.9999
+    with torch.no_grad():
+        got = dec.coarse_latents(tokens[:5])
+        # The null condition keeps the coarse image and drops the per-patch token features.
+        null = dec.spatial_condition(tokens[:2], 2, null=True)
+        full = dec.spatial_condition(tokens[:2], 2)
+    torch.testing.assert_close(got, latents[:5], atol=1e-3, rtol=1e-3)
+    assert null[..., :16].abs().max() == 0 and torch.equal(null[..., 16:], full[..., 16:])
+    assert full[..., :16].abs().max() > 0
+    # Noise the map cannot explain lowers R^2 (reported, from the statistics alone) accordingly.
+    _, noisy, _, _ = _fitted_coarse_decoder(rank=8, noise=1.0)
+    assert 0.5 < noisy["train_r2"] < 0.99
+    # A rank below the map's keeps part of it, and says so.
+    dec4 = _micro("sample", coarse_rank=4)
+    fit = CoarseFit(dec4)
+    fit.update(tokens, latents)
+    low = fit.solve(ridge=1e-6)
+    assert low["rank_energy_kept"] < 0.95 and low["train_r2"] < 0.95
+    # The sample-predicting network starts from the coarse image: with its output layer zeroed,
+    # the predicted clean sample is exactly the coarse estimate.
+    with torch.no_grad():
+        dec.transformer.proj_out.weight.zero_()
+        dec.transformer.proj_out.bias.zero_()
+        x0 = dec.pack(latents[:2])
+        noise = torch.randn(x0.shape)
+        t = torch.full((2,), 0.7)
+        xt = (1 - 0.7) * x0 + 0.7 * noise
+        cond, ids = dec.condition(tokens[:2])
+        v = dec(xt, t, cond, ids, spatial=dec.spatial_condition(tokens[:2], 2))
+    torch.testing.assert_close(dec.unpack(xt - 0.7 * v), dec.coarse_latents(tokens[:2]), atol=1e-4, rtol=1e-4)
+
+
+def test_coarse_estimate_errors():
+    with pytest.raises(ValueError, match="coarse_rank=0: nothing to fit"):
+        CoarseFit(_micro())
+    with pytest.raises(ValueError, match="coarse_rank needs latent='pixel'"):
+        DecoderConfig(token_dim=8, num_tokens=9, image_size=48, latent="vae", vae={}, coarse_rank=4)
+    with pytest.raises(ValueError, match=r"num_tokens x token_dim <= 16384.*81 x 3584"):
+        DecoderConfig(token_dim=3584, num_tokens=81, image_size=48, coarse_rank=4)
+    with pytest.raises(ValueError, match="need at least 2 images"):
+        CoarseFit(_micro(coarse_rank=4)).solve()
+    with pytest.raises(ValueError, match="null condition keeps the coarse estimate: pass the tokens"):
+        _micro(coarse_rank=4).spatial_condition(None, 2)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_save_load_round_trip_gives_identical_samples(tmp_path, coarse):
+    dec = _fitted_coarse_decoder()[0].eval() if coarse else _micro("sample").eval()
     tokens = torch.randn(1, 9, 32)
     dec.save_pretrained(tmp_path / "d")
     back = OrionDecoder.from_pretrained(tmp_path / "d").eval()
     assert back.config == dec.config
+    if coarse:
+        assert (
+            torch.equal(back.coarse_out.weight, dec.coarse_out.weight)
+            and back.coarse_token_mean.abs().sum() > 0
+        )
     assert torch.equal(sample(dec, tokens, steps=3, seed=1), sample(back, tokens, steps=3, seed=1))
 
 

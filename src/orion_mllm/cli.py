@@ -12,6 +12,10 @@
     orion train RECIPE.yaml [--output DIR] [--nproc N] [key=value ...]   one training stage (resumes)
     orion decode --decoder DIR --tokens T.safetensors -o out.png [--steps N --cfg S --seed S]
     orion convert nexus-gen-decoder SRC DST (--flux FLUX_DIR | --pooled FILE)
+    orion generate --model DIR [--decoder DIR] "prompt" -o out.png [--n K] [--seed S] [--elaborate]
+    orion ask --model DIR --image PATH [--image PATH ...] "question" [--max-new-tokens N]
+    orion edit --model DIR [--decoder DIR] --image PATH "instruction" -o out.png
+    orion chat --model DIR [--decoder DIR] [--out-dir DIR]          REPL; also reads piped input
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -284,6 +288,103 @@ def _cmd_convert_nexus_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace):
+    from transformers.utils import logging as hf_logging
+
+    from orion_mllm.infer.pipeline import OrionPipeline
+
+    # Inference commands print their answer only: no weight-loading bars on the terminal.
+    hf_logging.disable_progress_bar()
+
+    return OrionPipeline.load(
+        args.model, getattr(args, "decoder", None), device=args.device, dtype=args.dtype,
+        offload_decoder=not args.no_offload,
+    )  # fmt: skip
+
+
+def _sampling(args: argparse.Namespace, **kw):
+    from orion_mllm.infer.engine import SamplingConfig
+
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, **kw
+    )
+
+
+def _write_images(images, output: str) -> list[str]:
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, img in enumerate(images):
+        target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        img.save(target)
+        written.append(str(target))
+    return written
+
+
+def _check_output(path: str) -> None:
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"-o {path}: unknown image file extension (use .png or .jpg)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: must be >= 1")
+    _check_output(args.output)
+    pipe = _pipeline(args)
+    if pipe.decoder is None:
+        raise ValueError("no decoder: pass --decoder DIR or put one in the model directory's decoder/ folder")
+    tokens, prompts = pipe.image_tokens(
+        args.prompt, n=args.n, seed=args.seed, elaborate=args.elaborate, temperature=args.temperature or 1.0
+    )
+    written = _write_images(
+        pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output
+    )
+    print(json.dumps({"images": written, "prompts": prompts}))
+    return 0
+
+
+def _load_user_images(paths: list[str]):
+    from orion_mllm.images import load_image
+
+    return [load_image(p, where="--image") for p in paths]
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise ValueError("empty question")
+    images = _load_user_images(args.image or [])
+    pipe = _pipeline(args)
+    print(pipe.ask(images, args.question, _sampling(args, allow_images=False)))
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    if not args.instruction.strip():
+        raise ValueError("empty instruction")
+    _check_output(args.output)
+    (source,) = _load_user_images([args.image])
+    pipe = _pipeline(args)
+    if pipe.decoder is None:
+        raise ValueError("no decoder: pass --decoder DIR or put one in the model directory's decoder/ folder")
+    tokens, _ = pipe.image_tokens(args.instruction, seed=args.seed, source=source)
+    written = _write_images(
+        pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output
+    )
+    print(json.dumps({"images": written}))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from orion_mllm.infer.chat import ChatRepl
+
+    pipe = _pipeline(args)
+    return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed).run()
+
+
 def _default_output(recipe: str):
     from orion_mllm.train.trainer import default_output_dir
 
@@ -397,6 +498,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tokens", type=int, default=81, help="visual tokens per image (81 at 252 px)")
     p.add_argument("--image-size", type=int, default=512, help="output image side in pixels")
     p.set_defaults(func=_cmd_convert_nexus_gen)
+
+    def model_options(p: argparse.ArgumentParser, *, decoder: bool) -> None:
+        p.add_argument(
+            "--model", required=True, help="ORION model directory (or a plain Qwen2.5-VL one, for ask)"
+        )
+        if decoder:
+            p.add_argument("--decoder", default=None, help="decoder directory (default: MODEL/decoder)")
+        p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+        p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU")
+        p.add_argument("--no-offload", action="store_true", help="keep the decoder on the GPU with the LLM")
+        p.add_argument("--seed", type=int, default=0)
+
+    def text_options(p: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=max_new)
+        p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+
+    def render_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-o", "--output", required=True, help="image file; with --n K: out_0.png ...")
+        p.add_argument(
+            "--steps", type=int, default=None, help="decoder sampling steps (default: the decoder's)"
+        )
+        p.add_argument(
+            "--cfg", type=float, default=None, help="decoder guidance scale (default: the decoder's)"
+        )
+
+    p = sub.add_parser("generate", help="text -> image: regress visual tokens, render them with the decoder")
+    p.add_argument("prompt")
+    model_options(p, decoder=True)
+    render_options(p)
+    p.add_argument("--n", type=int, default=1, help="images; without --elaborate they share one token set")
+    p.add_argument(
+        "--elaborate", action="store_true", help="first sample a detailed prompt per image (diversity)"
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="for --elaborate")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("ask", help="images + question -> answer (only the answer is printed)")
+    p.add_argument("question")
+    p.add_argument("--image", action="append", help="an image file (repeat for several)")
+    model_options(p, decoder=False)
+    text_options(p, 256, 0.0)
+    p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("edit", help="image + instruction -> edited image")
+    p.add_argument("instruction")
+    p.add_argument("--image", required=True, help="the image to edit")
+    model_options(p, decoder=True)
+    render_options(p)
+    p.set_defaults(func=_cmd_edit)
+
+    p = sub.add_parser("chat", help="interleaved multi-turn chat (REPL; reads piped input too)")
+    model_options(p, decoder=True)
+    text_options(p, 256, 0.0)
+    p.add_argument("--out-dir", default="chat_images", help="where generated images are written")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)

@@ -36,9 +36,17 @@ def flow_matching_loss(
     edit_tokens: torch.Tensor | None = None,
     cond_dropout: float = 0.1,
     shift: float = 1.0,
+    loss_space: str = "velocity",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Mean squared velocity error for a batch of clean latents [B, C, h, w] and their tokens."""
+    """Mean squared error for a batch of clean latents [B, C, h, w] and their tokens.
+
+    ``loss_space="velocity"`` (FLUX): the error of the predicted velocity. ``"sample"``: the error of
+    the implied clean sample ``x_0 = x_t - t v``, i.e. the velocity error weighted by ``t^2``; every
+    noise level then counts alike instead of the nearly-clean ones dominating, which is what a
+    clean-sample-predicting decoder needs to learn the image's layout from its tokens."""
+    if loss_space not in ("velocity", "sample"):
+        raise ValueError(f"loss_space={loss_space!r}: expected 'velocity' or 'sample'")
     b = latents.shape[0]
     device = latents.device
     x0 = decoder.pack(latents)
@@ -56,9 +64,13 @@ def flow_matching_loss(
             cond = cond.clone()
             cond[drop, :n] = null[drop].to(cond.dtype)
             if spatial is not None:
-                spatial = spatial * (~drop).view(b, 1, 1).to(spatial.dtype)
+                null_spatial = decoder.spatial_condition(tokens, b, null=True)
+                spatial = torch.where(drop.view(b, 1, 1), null_spatial, spatial)
     pred = decoder(xt, t, cond, ids, spatial=spatial)
-    return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+    err = (pred.float() - (noise - x0).float()).pow(2).mean(dim=(1, 2))
+    if loss_space == "sample":
+        err = err * t.float() ** 2
+    return err.mean()
 
 
 def make_scheduler(steps: int, shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
@@ -96,7 +108,7 @@ def sample(
         null, _ = decoder.condition(None, batch=b)
         uncond = cond.clone()
         uncond[:, : null.shape[1]] = null.to(dtype)
-        spatial_uncond = decoder.spatial_condition(None, b)
+        spatial_uncond = decoder.spatial_condition(tokens.to(dtype), b, null=True)
     scheduler = make_scheduler(steps, shift)
     for t in scheduler.timesteps:
         tt = torch.full((b,), float(t) / 1000.0, device=device, dtype=dtype)

@@ -31,6 +31,7 @@ from torch import nn
 DECODER_CONFIG = "decoder_config.json"
 DECODER_WEIGHTS = "decoder.safetensors"
 SAMPLE_PREDICTION_MIN_T = 0.05
+MAX_COARSE_FEATURES = 16384
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class DecoderConfig:
     # token covering that patch (0 = off, as in Nexus-Gen/FLUX). Gives every patch its token without
     # having to find it by attention, which the small CPU-trained decoders learn far faster with.
     spatial_cond: int = 0
+    # Rank of the coarse estimate (0 = off; pixel-space presets only): a linear map from all of an
+    # image's tokens to its pixels, fitted in closed form (ridge regression, ``decoder/coarse.py``)
+    # before diffusion training and then frozen. It is given to every patch as conditioning and, for
+    # clean-sample prediction, the transformer predicts the residual on top of it, so training starts
+    # from a blurry but correct layout and spends its steps on sharpening.
+    coarse_rank: int = 0
     vae: dict[str, Any] | None = None  # AutoencoderKL config for latent == "vae"
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +82,15 @@ class DecoderConfig:
             raise ValueError(f"decoder: prediction={self.prediction!r}, expected 'velocity' or 'sample'")
         if self.latent not in ("pixel", "vae"):
             raise ValueError(f"decoder: latent={self.latent!r}, expected 'pixel' or 'vae'")
+        if self.coarse_rank and self.latent != "pixel":
+            raise ValueError(
+                "decoder: coarse_rank needs latent='pixel' (a linear map to VAE latents is not fitted)"
+            )
+        if self.coarse_rank and self.num_tokens * self.token_dim > MAX_COARSE_FEATURES:
+            raise ValueError(
+                f"decoder: coarse_rank needs num_tokens x token_dim <= {MAX_COARSE_FEATURES} (its ridge fit "
+                f"solves a square system of that size), got {self.num_tokens} x {self.token_dim}"
+            )
         if self.latent_size % self.patch_size:
             raise ValueError(
                 f"decoder: latent side {self.latent_size} is not a multiple of patch_size {self.patch_size}"
@@ -102,6 +118,11 @@ class DecoderConfig:
     @property
     def in_channels(self) -> int:
         return self.latent_channels * self.patch_size**2
+
+    @property
+    def patch_cond_channels(self) -> int:
+        """Per-patch conditioning channels concatenated to each noisy patch."""
+        return self.spatial_cond + (self.in_channels if self.coarse_rank else 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -201,9 +222,21 @@ class OrionDecoder(nn.Module):
         # The CFG "unconditional" input: a learned sequence in place of the adapted tokens.
         self.null_tokens = nn.Parameter(torch.zeros(c.num_tokens, c.joint_attention_dim))
         self.spatial = nn.Linear(c.token_dim, c.spatial_cond) if c.spatial_cond else None
+        if c.coarse_rank:
+            numel = c.latent_channels * c.latent_size**2
+            # Fitted by decoder/coarse.py, never by the optimiser. Before fitting: the zero map.
+            self.register_buffer("coarse_token_mean", torch.zeros(c.num_tokens * c.token_dim))
+            self.coarse_in = nn.Linear(c.num_tokens * c.token_dim, c.coarse_rank, bias=False)
+            self.coarse_out = nn.Linear(c.coarse_rank, numel)
+            for lin in (self.coarse_in, self.coarse_out):
+                nn.init.zeros_(lin.weight)
+                lin.requires_grad_(False)
+            nn.init.zeros_(self.coarse_out.bias)
+        else:
+            self.coarse_in = self.coarse_out = None
         self.transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=c.in_channels + c.spatial_cond,
+            in_channels=c.in_channels + c.patch_cond_channels,
             out_channels=c.in_channels,
             num_layers=c.num_layers,
             num_single_layers=c.num_single_layers,
@@ -293,13 +326,37 @@ class OrionDecoder(nn.Module):
             ids = torch.cat([ids, self.edit_ids], dim=0)
         return cond, ids
 
-    def spatial_condition(self, tokens: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """Per-patch token features [B, patches, spatial_cond] (zeros for the null condition)."""
-        if self.spatial is None:
-            return None
-        if tokens is None:
-            return self.null_tokens.new_zeros(batch, self.config.grid**2, self.config.spatial_cond)
-        return self.spatial(tokens)[:, self.patch_token]
+    def coarse_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The fitted linear estimate [B, C, h, w] of the images of ``tokens`` [B, N, d]."""
+        c = self.config
+        if self.coarse_out is None:
+            raise ValueError("this decoder has no coarse estimate (coarse_rank=0)")
+        x = tokens.reshape(tokens.shape[0], -1) - self.coarse_token_mean.to(tokens.dtype)
+        flat = self.coarse_out(self.coarse_in(x))
+        return flat.reshape(-1, c.latent_channels, c.latent_size, c.latent_size)
+
+    def spatial_condition(
+        self, tokens: torch.Tensor | None, batch: int, *, null: bool = False
+    ) -> torch.Tensor | None:
+        """Per-patch conditioning [B, patches, patch_cond_channels]: the covering token's features
+        (zeros for the null condition), then the patch of the coarse estimate; None when both are off.
+
+        The null condition (``null=True`` or ``tokens=None``) keeps the coarse estimate, so classifier-free
+        guidance amplifies only what the network adds to it (guiding the coarse image itself would
+        push its colours past saturation); a decoder with a coarse estimate therefore needs the tokens
+        for its null condition too."""
+        c = self.config
+        if self.coarse_out is not None and tokens is None:
+            raise ValueError("this decoder's null condition keeps the coarse estimate: pass the tokens")
+        parts = []
+        if self.spatial is not None:
+            if tokens is None or null:
+                parts.append(self.null_tokens.new_zeros(batch, c.grid**2, c.spatial_cond))
+            else:
+                parts.append(self.spatial(tokens)[:, self.patch_token])
+        if self.coarse_out is not None:
+            parts.append(self.pack(self.coarse_latents(tokens)))
+        return torch.cat(parts, dim=-1) if parts else None
 
     def forward(
         self,
@@ -311,9 +368,9 @@ class OrionDecoder(nn.Module):
         spatial: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for packed noisy latents [B, N, C p p] at flow time ``t`` in [0, 1]."""
-        if self.spatial is not None:
+        if self.config.patch_cond_channels:
             if spatial is None:
-                raise ValueError("this decoder also conditions each patch on its token: pass spatial=")
+                raise ValueError("this decoder also conditions each patch (spatial_condition): pass spatial=")
             noisy_in = torch.cat([noisy, spatial.to(noisy.dtype)], dim=-1)
         else:
             noisy_in = noisy
@@ -334,6 +391,8 @@ class OrionDecoder(nn.Module):
             # x_t = (1 - t) x_0 + t noise  =>  v = noise - x_0 = (x_t - x_0) / t; t floored so the
             # division stays tame near the clean end.
             tt = t.clamp(min=SAMPLE_PREDICTION_MIN_T).view(-1, 1, 1).to(out.dtype)
+            if self.coarse_out is not None:  # the network predicts the residual over the coarse image
+                out = out + spatial[..., self.config.spatial_cond :].to(out.dtype)
             out = (noisy - out) / tt
         return out
 

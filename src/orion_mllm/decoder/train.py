@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 from orion_mllm.data.sources import DataError
+from orion_mllm.decoder.coarse import CoarseFit
 from orion_mllm.decoder.flow import flow_matching_loss
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.images import ImageLoadError, load_image, resize_for_generation
@@ -136,6 +138,31 @@ class DecoderTrainer:
                 bad.append({"source": where, "reason": f"{type(err).__name__}: {err}"})
         return images, bad
 
+    def _pixels(self, images: list) -> torch.Tensor:
+        arrays = [
+            torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images
+        ]
+        return torch.stack(arrays).to(self.dist.device)
+
+    @torch.no_grad()
+    def _fit_coarse(self, decoder: OrionDecoder, sources, sampler) -> None:
+        """Fit the decoder's coarse estimate on the first ``coarse_fit_images`` images of the mixture
+        (the order training reads them in; unreadable records are skipped here too)."""
+        n = self.recipe.decoder.coarse_fit_images
+        fit = CoarseFit(decoder)
+        batch = max(self.recipe.train.global_batch_size, 64)
+        t0 = time.time()
+        for start in tqdm(range(0, n, batch), desc="fitting coarse estimate", unit="batch", disable=None):
+            images, _ = self._images(sources, sampler.take(start, min(batch, n - start)))
+            if images:
+                fit.update(self.encoder(images), decoder.encode_images(self._pixels(images)))
+        stats = fit.solve()
+        print(
+            f"coarse estimate: rank {decoder.config.coarse_rank} fitted on {int(stats['images'])} images in "
+            f"{time.time() - t0:.0f} s (train R^2 {stats['train_r2']:.3f})",
+            flush=True,
+        )
+
     def run(self):
         r, d = self.recipe, self.dist
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,13 +197,18 @@ class DecoderTrainer:
         overrides = {
             k: v
             for k, v in (("patch_size", r.decoder.patch_size), ("prediction", r.decoder.prediction),
-                         ("spatial_cond", r.decoder.spatial_cond))
+                         ("spatial_cond", r.decoder.spatial_cond), ("coarse_rank", r.decoder.coarse_rank))
             if v is not None
         }  # fmt: skip
         cfg = dataclasses.replace(cfg, extra=extra, **overrides)
         decoder = OrionDecoder(cfg).to(d.device)
         decoder.train()
+        sources, sampler = open_mixture(r)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if cfg.coarse_rank and latest is None:  # a resumed run loads the fitted map with its checkpoint
+            self._fit_coarse(decoder, sources, sampler)
         state = nn.ModuleDict({"decoder": decoder})
+        # After the fit: the EMA copy starts from the fitted coarse map (it is never trained).
         if r.decoder.ema_decay:
             state["ema"] = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(r.decoder.ema_decay))
         trainable = [p for p in decoder.parameters() if p.requires_grad]
@@ -184,7 +216,6 @@ class DecoderTrainer:
         optimizer = torch.optim.AdamW(
             param_groups(decoder, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps
         )
-        sources, sampler = open_mixture(r)
         g = r.train.global_batch_size
         total = max(1, math.ceil(r.train.epochs * sampler.samples_per_epoch / g))
         total = min(total, r.train.max_steps) if r.train.max_steps else total
@@ -193,7 +224,6 @@ class DecoderTrainer:
         guard = AnomalyGuard(**r.anomaly.model_dump())
         counters = {"skipped_samples": 0, "seen_samples": 0}
         start = 0
-        latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
             saved = ckpt.load_checkpoint(latest[1], state, optimizer, d)
             sampler.check_state(saved["sampler"])
@@ -230,18 +260,12 @@ class DecoderTrainer:
                 loss_value, grad_norm, skipped = float("nan"), None, True
                 if images:
                     tokens = self.encoder(images)
-                    pixels = torch.stack(
-                        [
-                            torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-                            for im in images
-                        ]
-                    ).to(d.device)
                     with torch.no_grad():
-                        latents = decoder.encode_images(pixels)
+                        latents = decoder.encode_images(self._pixels(images))
                     gen = torch.Generator().manual_seed(r.train.seed * 1_000_003 + step)
                     loss = flow_matching_loss(
                         decoder, latents, tokens, cond_dropout=r.decoder.cond_dropout,
-                        shift=r.decoder.time_shift, generator=gen,
+                        shift=r.decoder.time_shift, loss_space=r.decoder.loss_space, generator=gen,
                     )  # fmt: skip
                     loss.backward()
                     loss_value = float(loss.detach())

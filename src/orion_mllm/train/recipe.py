@@ -186,6 +186,13 @@ class DecoderSection(_Strict):
     patch_size: int | None = Field(None, gt=0, description="override the preset's patch size")
     prediction: Literal["velocity", "sample"] | None = Field(None, description="override the preset's target")
     spatial_cond: int | None = Field(None, ge=0, description="per-patch token channels (0: attention only)")
+    coarse_rank: int | None = Field(
+        None, ge=0, description="rank of the fitted linear coarse estimate (pixel presets; 0: off)"
+    )
+    coarse_fit_images: int = Field(3000, ge=2, description="images the coarse estimate is fitted on")
+    loss_space: Literal["velocity", "sample"] = Field(
+        "velocity", description="flow-matching error on the velocity (FLUX) or on the implied clean sample"
+    )
     cond_dropout: float = Field(0.1, ge=0, lt=1, description="share of conditions dropped (CFG)")
     time_shift: float = Field(1.0, gt=0, description="FLUX timestep shift (train and sample)")
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of the weights; null: no EMA")

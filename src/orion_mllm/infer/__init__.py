@@ -1,0 +1,1 @@
+"""Inference: the generation engine, chat sessions and the user-facing pipeline."""
