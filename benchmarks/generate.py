@@ -25,9 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from orion_mllm.infer.engine import Engine, SamplingConfig  # noqa: E402
-from orion_mllm.infer.pipeline import OrionPipeline  # noqa: E402
-from orion_mllm.infer.session import ChatSession  # noqa: E402
+from orion_mllm.inference.engine import Engine, SamplingConfig  # noqa: E402
+from orion_mllm.inference.pipeline import OrionPipeline  # noqa: E402
+from orion_mllm.inference.session import ChatSession  # noqa: E402
 from orion_mllm.model.orion import OrionModel  # noqa: E402
 
 

@@ -291,7 +291,7 @@ def _cmd_convert_nexus_gen(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace):
     from transformers.utils import logging as hf_logging
 
-    from orion_mllm.infer.pipeline import OrionPipeline
+    from orion_mllm.inference.pipeline import OrionPipeline
 
     # Inference commands print their answer only: no weight-loading bars on the terminal.
     hf_logging.disable_progress_bar()
@@ -303,7 +303,7 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _sampling(args: argparse.Namespace, **kw):
-    from orion_mllm.infer.engine import SamplingConfig
+    from orion_mllm.inference.engine import SamplingConfig
 
     return SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, **kw
@@ -379,7 +379,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from orion_mllm.infer.chat import ChatRepl
+    from orion_mllm.inference.chat import ChatRepl
 
     pipe = _pipeline(args)
     return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed).run()

@@ -34,15 +34,17 @@ class CoarseFit:
     def update(self, tokens: torch.Tensor, latents: torch.Tensor) -> None:
         """Add a batch: tokens [B, N, d] and the matching clean latents [B, C, h, w]."""
         self.decoder.check_tokens(tokens)
-        x = tokens.detach().reshape(tokens.shape[0], -1).to("cpu", torch.float64)
-        y = latents.detach().reshape(latents.shape[0], -1).to("cpu", torch.float64)
+        x = tokens.detach().reshape(tokens.shape[0], -1).to("cpu", torch.float32)
+        y = latents.detach().reshape(latents.shape[0], -1).to("cpu", torch.float32)
         if y.shape[1] != self.y_sum.numel():
             raise ValueError(f"latents: expected {self.y_sum.numel()} values per image, got {y.shape[1]}")
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
-        self.x_sum += x.sum(0)
-        self.y_sum += y.sum(0)
-        self.y_ssq += (y * y).sum()
+        # Each batch's products in fp32 (the fit's main cost; a few hundred rows keep the rounding far
+        # below the ridge penalty), summed across batches in fp64.
+        self.xtx += (x.T @ x).double()
+        self.xty += (x.T @ y).double()
+        self.x_sum += x.double().sum(0)
+        self.y_sum += y.double().sum(0)
+        self.y_ssq += (y.double() ** 2).sum()
         self.count += x.shape[0]
 
     @torch.no_grad()

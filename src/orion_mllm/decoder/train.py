@@ -150,7 +150,7 @@ class DecoderTrainer:
         (the order training reads them in; unreadable records are skipped here too)."""
         n = self.recipe.decoder.coarse_fit_images
         fit = CoarseFit(decoder)
-        batch = max(self.recipe.train.global_batch_size, 64)
+        batch = max(self.recipe.train.global_batch_size, 256)
         t0 = time.time()
         for start in tqdm(range(0, n, batch), desc="fitting coarse estimate", unit="batch", disable=None):
             images, _ = self._images(sources, sampler.take(start, min(batch, n - start)))

@@ -21,8 +21,8 @@ from PIL import Image
 
 from orion_mllm.decoder.flow import sample
 from orion_mllm.decoder.model import DECODER_CONFIG, OrionDecoder
-from orion_mllm.infer.engine import Engine, Generated, Prompt, SamplingConfig
-from orion_mllm.infer.session import ChatSession, GeneratedImage, Part, UserImage
+from orion_mllm.inference.engine import Engine, Generated, Prompt, SamplingConfig
+from orion_mllm.inference.session import ChatSession, GeneratedImage, Part, UserImage
 from orion_mllm.model.orion import ORION_CONFIG_NAME, OrionModel
 from orion_mllm.sequence import EncodedConversation
 
@@ -116,7 +116,9 @@ class OrionPipeline:
             raise ValueError("empty conversation: nothing to answer")
         spec = self.model.config.image_spec
         placeholder = Image.new("RGB", (spec.gen_image_size, spec.gen_image_size), "white")
-        messages, known = session.to_messages(placeholder)
+        # ORION models learn from LLaVA-style data ("<image>\n" + text); plain Qwen2.5-VL directories get
+        # Qwen's own template (text right after the image).
+        messages, known = session.to_messages(placeholder, "\n" if self.is_orion else "")
         enc = self.builder.encode(messages, add_generation_prompt=True)
         if enc.pixel_values is None:
             return enc, None

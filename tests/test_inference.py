@@ -14,10 +14,10 @@ from PIL import Image
 
 from orion_mllm.cli import main
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset
-from orion_mllm.infer.chat import ChatRepl
-from orion_mllm.infer.engine import Engine, SamplingConfig
-from orion_mllm.infer.pipeline import OrionPipeline
-from orion_mllm.infer.session import ChatSession, GeneratedImage, UserImage
+from orion_mllm.inference.chat import ChatRepl
+from orion_mllm.inference.engine import Engine, SamplingConfig
+from orion_mllm.inference.pipeline import OrionPipeline
+from orion_mllm.inference.session import ChatSession, GeneratedImage, UserImage
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.sequence import mrope_positions
 
@@ -152,7 +152,7 @@ def test_chat_keeps_generated_tokens_in_context_and_sessions_round_trip(micro, t
     def disk_full(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("orion_mllm.infer.session.save_file", disk_full)
+    monkeypatch.setattr("orion_mllm.inference.session.save_file", disk_full)
     session.add("user", ["one more turn"])
     with pytest.raises(OSError, match="No space"):
         session.save(path)
@@ -163,6 +163,20 @@ def test_chat_keeps_generated_tokens_in_context_and_sessions_round_trip(micro, t
         ChatSession.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="stored tokens have shape"):
         pipe.prompt(_session_with_tokens(torch.zeros(3, 5)))
+
+
+def test_prompts_use_the_training_data_layout(micro):
+    """An ORION model's prompt for image + question is token-for-token the LLaVA-style training record."""
+    pipe = OrionPipeline(micro)
+    img = _image(7)
+    prompt = pipe.prompt(_session(UserImage(img), "What colour is the star?"))
+    record = {
+        "conversations": [{"from": "human", "value": "<image>\nWhat colour is the star?"}],
+        "image": img,
+    }
+    enc = micro.sequence_builder().encode(record, add_generation_prompt=True)
+    assert prompt.input_ids.tolist() == enc.input_ids.tolist()
+    assert torch.equal(prompt.position_ids, enc.position_ids[1:])
 
 
 def _session_with_tokens(tokens):
@@ -208,7 +222,7 @@ def test_ask_matches_transformers_greedy_generate(tmp_path, capsys):
     assert gen.token_ids == new.tolist()[: len(gen.token_ids)]
 
 
-def test_generate_edit_and_chat_cli(model_dir, tmp_path, capsys):
+def test_generate_edit_and_chat_cli(model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "g.png"
     assert (
         main(["generate", "--model", model_dir, "a red circle", "-o", str(out), "--n", "2", "--steps", "2"])
@@ -241,6 +255,18 @@ def test_generate_edit_and_chat_cli(model_dir, tmp_path, capsys):
     )
     assert "attached" in text and "saved" in text and "loaded 4 turns" in text
     assert repl.session.turns[1].parts[0].path.endswith("image_000.png")
+
+    # `orion chat` itself with piped input; a failing line makes the exit status non-zero.
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/load {tmp_path / 'chat'}\nand now?\n"))
+    assert (
+        main(["chat", "--model", model_dir, "--out-dir", str(tmp_path / "imgs2"), "--max-new-tokens", "2"])
+        == 0
+    )
+    assert "loaded 4 turns" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("/image nowhere.png\nhello\n"))
+    assert main(["chat", "--model", model_dir, "--max-new-tokens", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "error: /image" in out and "nowhere.png" in out and "assistant:" in out
 
 
 @pytest.mark.parametrize(

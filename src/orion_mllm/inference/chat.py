@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TextIO
 
 from orion_mllm.images import ImageLoadError, load_image
-from orion_mllm.infer.engine import SamplingConfig
-from orion_mllm.infer.pipeline import OrionPipeline
-from orion_mllm.infer.session import ChatSession, UserImage
+from orion_mllm.inference.engine import SamplingConfig
+from orion_mllm.inference.pipeline import OrionPipeline
+from orion_mllm.inference.session import ChatSession, UserImage
 
 HELP = (
     "/image PATH  attach an image to your next message\n"

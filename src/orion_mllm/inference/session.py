@@ -61,18 +61,23 @@ class ChatSession:
     def reset(self) -> None:
         self.turns.clear()
 
-    def to_messages(self, placeholder: Image.Image) -> tuple[list[dict[str, Any]], list[torch.Tensor | None]]:
+    def to_messages(
+        self, placeholder: Image.Image, image_separator: str = ""
+    ) -> tuple[list[dict[str, Any]], list[torch.Tensor | None]]:
         """Messages for ``SequenceBuilder.encode`` (generated images stand in as ``placeholder`` pixels,
-        for the layout only) and, per image in order, its generated tokens or None (encode the pixels)."""
+        for the layout only) and, per image in order, its generated tokens or None (encode the pixels).
+        ``image_separator`` starts a user's text that follows an image of the same turn (LLaVA-style
+        training data, ShapesWorld included, writes ``<image>\n`` + text)."""
         messages: list[dict[str, Any]] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         known: list[torch.Tensor | None] = []
         for turn in self.turns:
             content: list[dict[str, Any]] = []
-            for part in turn.parts:
+            for k, part in enumerate(turn.parts):
                 if isinstance(part, str):
-                    content.append({"type": "text", "text": part})
+                    after_image = k > 0 and isinstance(turn.parts[k - 1], UserImage)
+                    content.append({"type": "text", "text": image_separator + part if after_image else part})
                 elif isinstance(part, UserImage):
                     content.append({"type": "image", "image": part.image})
                     known.append(None)
