@@ -16,6 +16,7 @@
     orion ask --model DIR --image PATH [--image PATH ...] "question" [--max-new-tokens N]
     orion edit --model DIR [--decoder DIR] --image PATH "instruction" -o out.png
     orion chat --model DIR [--decoder DIR] [--out-dir DIR]          REPL; also reads piped input
+    orion serve --model DIR [--decoder DIR] [--host 127.0.0.1] [--port 8000]   OpenAI-compatible API
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -385,6 +386,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed).run()
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from orion_mllm.serve.openai_api import ServeConfig, create_app
+
+    pipe = _pipeline(args)
+    name = args.served_name or Path(args.model).resolve().name
+    config = ServeConfig(
+        model_name=name, max_queue=args.max_queue, max_batch=args.max_batch,
+        request_timeout_s=args.timeout, max_prompt_tokens=args.max_prompt_tokens,
+    )  # fmt: skip
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _default_output(recipe: str):
     from orion_mllm.train.trainer import default_output_dir
 
@@ -554,6 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
     text_options(p, 256, 0.0)
     p.add_argument("--out-dir", default="chat_images", help="where generated images are written")
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, images, edits) for a model")
+    model_options(p, decoder=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-name", default=None, help="model name in the API (default: the folder name)")
+    p.add_argument("--max-queue", type=int, default=32, help="waiting requests before 429")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per engine batch")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (504 after)")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.set_defaults(func=_cmd_presets)

@@ -48,7 +48,7 @@ class CoarseFit:
         self.count += x.shape[0]
 
     @torch.no_grad()
-    def solve(self, ridge: float = 3e-3) -> dict[str, float]:
+    def solve(self, ridge: float = 1e-4) -> dict[str, float]:
         """Solve the ridge system (penalty ``ridge`` x images, on standardised features), truncate it to
         the decoder's rank and load it; returns the fit's training R^2 and the share of the solution's
         energy kept by the truncation."""

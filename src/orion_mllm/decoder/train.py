@@ -156,7 +156,7 @@ class DecoderTrainer:
             images, _ = self._images(sources, sampler.take(start, min(batch, n - start)))
             if images:
                 fit.update(self.encoder(images), decoder.encode_images(self._pixels(images)))
-        stats = fit.solve()
+        stats = fit.solve(ridge=self.recipe.decoder.coarse_ridge)
         print(
             f"coarse estimate: rank {decoder.config.coarse_rank} fitted on {int(stats['images'])} images in "
             f"{time.time() - t0:.0f} s (train R^2 {stats['train_r2']:.3f})",

@@ -20,7 +20,7 @@ prompt gives the same result alone or in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -147,8 +147,15 @@ class Engine:
         return int(torch.multinomial(probs, 1, generator=gen))
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig | None = None) -> list[Generated]:
-        """Continue every prompt until a stop token or ``max_new_tokens`` text tokens."""
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        cfg: SamplingConfig | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Generated]:
+        """Continue every prompt until a stop token or ``max_new_tokens`` text tokens.
+
+        ``on_token(row, token_id)`` is called for every text token as it is chosen (streaming)."""
         cfg = cfg or SamplingConfig()
         if not prompts:
             return []
@@ -223,6 +230,8 @@ class Engine:
                 else:
                     tok = self._choose(logits[text_rows.index(i)], cfg, gens[i])
                     o.text_tokens += 1
+                    if on_token is not None:
+                        on_token(i, tok)
                     n = next_pos[i]
                     pos3 = (n, n, n)
                     next_pos[i] = n + 1

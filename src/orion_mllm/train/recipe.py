@@ -190,6 +190,9 @@ class DecoderSection(_Strict):
         None, ge=0, description="rank of the fitted linear coarse estimate (pixel presets; 0: off)"
     )
     coarse_fit_images: int = Field(3000, ge=2, description="images the coarse estimate is fitted on")
+    coarse_ridge: float = Field(
+        1e-4, gt=0, description="ridge penalty of the coarse fit, per image, on standardised token features"
+    )
     loss_space: Literal["velocity", "sample"] = Field(
         "velocity", description="flow-matching error on the velocity (FLUX) or on the implied clean sample"
     )
