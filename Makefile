@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orion-installed
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo test test-all lint bench install browser clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -12,18 +12,21 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 install: $(STAMP)
 
+browser:
+	bash scripts/install-browser.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/orion demo --preset micro --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/losses.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache test-artifacts

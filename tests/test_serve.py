@@ -6,48 +6,19 @@ import base64
 import concurrent.futures
 import dataclasses
 import io
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from openai import OpenAI
 from PIL import Image
 
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.inference.pipeline import OrionPipeline
 from orion_mllm.model.orion import OrionModel
+from orion_mllm.serve.background import BackgroundServer
 from orion_mllm.serve.openai_api import ServeConfig, create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn in a thread on a free loopback port; stopped at teardown."""
-
-    def __init__(self, app) -> None:
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +36,7 @@ def pipeline() -> OrionPipeline:
 
 @pytest.fixture(scope="module")
 def server(pipeline):
-    srv = Server(
+    srv = BackgroundServer(
         create_app(
             pipeline,
             ServeConfig(
@@ -239,7 +210,7 @@ def test_concurrent_generations_are_batched_and_equal_single_ones(server, pipeli
     single = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120).json()["data"][0][
         "b64_json"
     ]
-    before = server.server.config.app.state.api.scheduler.batches_run
+    before = server.app.state.api.scheduler.batches_run
 
     def one(_):
         return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
@@ -250,12 +221,14 @@ def test_concurrent_generations_are_batched_and_equal_single_ones(server, pipeli
     decoded = [np.asarray(_png(r.json()["data"][0]["b64_json"])) for r in results]
     ref = np.asarray(_png(single))
     assert all(np.abs(d.astype(int) - ref.astype(int)).max() <= 1 for d in decoded)
-    batches = server.server.config.app.state.api.scheduler.batches_run - before
+    batches = server.app.state.api.scheduler.batches_run - before
     assert batches < 16  # requests shared engine batches
 
 
 def test_a_full_queue_answers_429(pipeline):
-    srv = Server(create_app(pipeline, ServeConfig(model_name="orion-micro", max_queue=2, batch_wait_s=0.3)))
+    srv = BackgroundServer(
+        create_app(pipeline, ServeConfig(model_name="orion-micro", max_queue=2, batch_wait_s=0.3))
+    )
     try:
         body = {"model": "orion-micro", "prompt": "a green star"}
 

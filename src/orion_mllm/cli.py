@@ -16,7 +16,7 @@
     orion ask --model DIR --image PATH [--image PATH ...] "question" [--max-new-tokens N]
     orion edit --model DIR [--decoder DIR] --image PATH "instruction" -o out.png
     orion chat --model DIR [--decoder DIR] [--out-dir DIR]          REPL; also reads piped input
-    orion serve --model DIR [--decoder DIR] [--host 127.0.0.1] [--port 8000]   OpenAI-compatible API
+    orion serve --model DIR [--decoder DIR] [--host 127.0.0.1] [--port 8000]   web chat + OpenAI API
 
 Errors in user input print one line naming the problem and exit non-zero (``--debug`` for the
 traceback).
@@ -398,7 +398,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.timeout, max_prompt_tokens=args.max_prompt_tokens,
     )  # fmt: skip
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
-    uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level="warning")
+    web_dir = None if args.no_web else args.web_dir
+    app = create_app(pipe, config, web_dir=web_dir)
+    if web_dir is not None:
+        print(f"web chat on http://{args.host}:{args.port}/ (images written to {web_dir})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -581,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="requests per engine batch")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (504 after)")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--web-dir", default="serve_images", help="where the web chat writes generated images")
+    p.add_argument("--no-web", action="store_true", help="serve the API only (no web chat at /)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("presets", help="list architecture presets")

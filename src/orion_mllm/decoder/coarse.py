@@ -40,7 +40,8 @@ class CoarseFit:
             raise ValueError(f"latents: expected {self.y_sum.numel()} values per image, got {y.shape[1]}")
         # Each batch's products in fp32 (the fit's main cost; a few hundred rows keep the rounding far
         # below the ridge penalty), summed across batches in fp64.
-        self.xtx += (x.T @ x).double()
+        xd = x.double()
+        self.xtx += xd.T @ xd  # the small product in fp64: the centring below subtracts large terms
         self.xty += (x.T @ y).double()
         self.x_sum += x.double().sum(0)
         self.y_sum += y.double().sum(0)
@@ -61,12 +62,17 @@ class CoarseFit:
         sd = (cov_xx.diagonal() / (n - 1)).clamp(min=0).sqrt() + 1e-6
         a = cov_xx / torch.outer(sd, sd)
         a.diagonal().add_(ridge * n)
-        w = torch.linalg.solve(a, cov_xy / sd.unsqueeze(1))  # on standardised features
+        # A = V diag(lam) V^T. In exact arithmetic lam >= ridge * n; rounding in the centred statistics
+        # can push a few below it (duplicated images, near-constant token features), so they are
+        # floored there: the solve and the square root below stay well defined.
+        lam, vecs = torch.linalg.eigh(a)
+        lam = lam.clamp(min=ridge * n)
+        w = vecs @ ((vecs.T @ (cov_xy / sd.unsqueeze(1))) / lam.unsqueeze(1))  # on standardised features
         # Reduced-rank regression: keep the r output directions that carry most of the *fitted*
-        # values (top right singular vectors of L^T W, with A = L L^T), the best rank-r map in
-        # squared error; truncating W's own SVD would keep directions the features barely excite.
-        chol = torch.linalg.cholesky(a)
-        _, s, vh = torch.linalg.svd(chol.T @ w, full_matrices=False)
+        # values (top right singular vectors of A^(1/2) W), the best rank-r map in squared error;
+        # truncating W's own SVD would keep directions the features barely excite.
+        root_a = (vecs * lam.sqrt()) @ vecs.T
+        _, s, vh = torch.linalg.svd(root_a @ w, full_matrices=False)
         r = min(self.decoder.config.coarse_rank, s.numel())
         basis = vh[:r].T  # outputs x r, orthonormal
         w_in = (w @ basis) / sd.unsqueeze(1)  # folds the per-feature scaling into the first layer

@@ -1,1 +1,1 @@
-"""Serving: the OpenAI-compatible HTTP API (and, later, the web chat) over the inference pipeline."""
+"""Serving: the web chat (Gradio) and the OpenAI-compatible HTTP API over the inference pipeline."""

@@ -24,6 +24,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -233,14 +234,15 @@ class OrionApi:
 
             outs = pipe.engine.generate(prompts, cfg, on_token=on_token)
             results = []
-            for out in outs:
+            for job, out in zip(jobs, outs, strict=True):
                 reply = pipe._reply_parts(out)
-                rendered = (
-                    pipe.render([im.tokens for im in reply.images]) if reply.images and pipe.decoder else []
-                )
-                results.append(
-                    (reply, rendered, out.text_tokens + out.token_ids.count(pipe.engine.image_pad_id))
-                )
+                rendered = []
+                if reply.images and pipe.decoder is not None:
+                    rendered = pipe.render(
+                        [im.tokens for im in reply.images], **job.payload.get("render", {})
+                    )
+                used = out.text_tokens + out.token_ids.count(pipe.engine.image_pad_id)
+                results.append((reply, rendered, used))
             return results
         if kind == "image":
             prompts = [p for j in jobs for p in j.payload["prompts"]]
@@ -279,7 +281,10 @@ def _content(reply, rendered: list[Image.Image]) -> str:
     return "".join(pieces)
 
 
-def create_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -> FastAPI:
+def create_app(
+    pipeline: OrionPipeline, config: ServeConfig | None = None, *, web_dir: str | Path | None = None
+) -> FastAPI:
+    """The API; with ``web_dir`` (where its generated images are written) also the web chat at ``/``."""
     cfg = config or ServeConfig()
     api = OrionApi(pipeline, cfg)
 
@@ -473,4 +478,10 @@ def create_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -> Fa
         n = image_request(form.get("prompt"), form.get("n"), form.get("size"), form.get("response_format"))
         return await render_images(str(form["prompt"]), n, int(form.get("seed") or 0), source)
 
+    if web_dir is not None:
+        import gradio as gr
+
+        from orion_mllm.serve.web import build_web_chat
+
+        app = gr.mount_gradio_app(app, build_web_chat(api, web_dir), path="/", allowed_paths=[str(web_dir)])
     return app

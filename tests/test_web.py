@@ -1,0 +1,86 @@
+"""The web chat in a real browser: Debian's headless Chromium driven by Playwright.
+
+Chromium comes from the system (``apt-get install chromium``, done by ``make browser``, which ``make
+test`` runs); Playwright only drives it (``executable_path``), it downloads nothing. Without a
+Chromium the test is skipped, except under CI (``CI`` set), where that is a failure. The screenshot is
+kept in ``$ORION_TEST_ARTIFACTS`` (default ``test-artifacts/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from orion_mllm.decoder.model import OrionDecoder, decoder_preset
+from orion_mllm.inference.pipeline import OrionPipeline
+from orion_mllm.model.orion import OrionModel
+from orion_mllm.serve.background import BackgroundServer
+from orion_mllm.serve.openai_api import ServeConfig, create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("ORION_TEST_ARTIFACTS", "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory):
+    model = OrionModel.from_preset("micro", seed=5).eval()
+    spec = model.config.image_spec
+    cfg = decoder_preset(
+        "micro", token_dim=model.hidden_size, num_tokens=spec.gen_num_tokens, image_size=spec.gen_image_size
+    )
+    torch.manual_seed(0)
+    decoder = OrionDecoder(dataclasses.replace(cfg, patch_size=16, prediction="sample")).eval()
+    decoder.config.extra["sample_steps"] = 2
+    out = tmp_path_factory.mktemp("web")
+    srv = BackgroundServer(
+        create_app(OrionPipeline(model, decoder), ServeConfig(model_name="m"), web_dir=out)
+    )
+    yield srv, out
+    srv.stop()
+
+
+def test_web_chat_generates_an_image_then_answers_about_it(web_server):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on PATH: `make browser` installs Debian's package")
+        pytest.skip("no chromium on PATH (make browser installs it)")
+    from playwright.sync_api import sync_playwright
+
+    srv, out = web_server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.goto(srv.url + "/")
+            box = page.locator("#prompt textarea")
+            # 1. Ask for an image: it appears inline in the chat and in the downloads list.
+            page.locator("#draw input[type=checkbox]").check()
+            box.fill("a red circle above a blue square")
+            box.press("Enter")
+            page.locator("#chat img").first.wait_for(timeout=120_000)
+            generated = sorted(out.glob("*.png"))
+            assert len(generated) == 1
+            page.locator("#downloads a[download]").first.wait_for(timeout=30_000)
+            assert ".png" in page.locator("#downloads").inner_text()
+            # 2. Ask about it: a text answer arrives after the question.
+            page.locator("#draw input[type=checkbox]").uncheck()
+            answers_before = page.locator("#chat [data-testid='bot']").count()
+            assert answers_before >= 1
+            box.fill("How many circles are there?")
+            box.press("Enter")
+            page.locator("#chat").get_by_text("How many circles are there?").wait_for(timeout=60_000)
+            page.wait_for_function(
+                "n => document.querySelectorAll(\"#chat [data-testid='bot']\").length > n",
+                arg=answers_before,
+                timeout=120_000,
+            )
+            page.screenshot(path=str(ARTIFACTS / "web_chat.png"), full_page=True)
+            assert len(sorted(out.glob("*.png"))) == 1  # the question produced text, not another image
+        finally:
+            browser.close()
