@@ -4,34 +4,23 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import dataclasses
 import io
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from openai import OpenAI
 from PIL import Image
 
-from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.inference.pipeline import OrionPipeline
-from orion_mllm.model.orion import OrionModel
 from orion_mllm.serve.background import BackgroundServer
 from orion_mllm.serve.openai_api import ServeConfig, create_app
+from serve_utils import micro_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipeline() -> OrionPipeline:
-    model = OrionModel.from_preset("micro", seed=5).eval()
-    spec = model.config.image_spec
-    cfg = decoder_preset(
-        "micro", token_dim=model.hidden_size, num_tokens=spec.gen_num_tokens, image_size=spec.gen_image_size
-    )
-    torch.manual_seed(0)
-    decoder = OrionDecoder(dataclasses.replace(cfg, patch_size=16, prediction="sample")).eval()
-    decoder.config.extra["sample_steps"] = 2
-    return OrionPipeline(model, decoder)
+    return micro_pipeline()
 
 
 @pytest.fixture(scope="module")

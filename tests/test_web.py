@@ -8,19 +8,15 @@ kept in ``$ORION_TEST_ARTIFACTS`` (default ``test-artifacts/``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from orion_mllm.decoder.model import OrionDecoder, decoder_preset
-from orion_mllm.inference.pipeline import OrionPipeline
-from orion_mllm.model.orion import OrionModel
 from orion_mllm.serve.background import BackgroundServer
 from orion_mllm.serve.openai_api import ServeConfig, create_app
+from serve_utils import micro_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("ORION_TEST_ARTIFACTS", "test-artifacts"))
@@ -28,18 +24,8 @@ ARTIFACTS = Path(os.environ.get("ORION_TEST_ARTIFACTS", "test-artifacts"))
 
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory):
-    model = OrionModel.from_preset("micro", seed=5).eval()
-    spec = model.config.image_spec
-    cfg = decoder_preset(
-        "micro", token_dim=model.hidden_size, num_tokens=spec.gen_num_tokens, image_size=spec.gen_image_size
-    )
-    torch.manual_seed(0)
-    decoder = OrionDecoder(dataclasses.replace(cfg, patch_size=16, prediction="sample")).eval()
-    decoder.config.extra["sample_steps"] = 2
     out = tmp_path_factory.mktemp("web")
-    srv = BackgroundServer(
-        create_app(OrionPipeline(model, decoder), ServeConfig(model_name="m"), web_dir=out)
-    )
+    srv = BackgroundServer(create_app(micro_pipeline(), ServeConfig(model_name="m"), web_dir=out))
     yield srv, out
     srv.stop()
 
