@@ -230,3 +230,15 @@ def test_a_full_queue_answers_429(pipeline):
         assert one(0).status_code == 200  # and it serves again once the queue drains
     finally:
         srv.stop()
+
+
+def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(pipeline):
+    srv = BackgroundServer(
+        create_app(pipeline, ServeConfig(model_name="orion-micro", request_timeout_s=0.001, batch_wait_s=0.2))
+    )
+    try:
+        r = httpx.post(f"{srv.url}/v1/images/generations", json={"model": "orion-micro", "prompt": "a star"})
+        assert r.status_code == 504 and "longer than 0.001 s" in r.json()["error"]["message"]
+        assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"
+    finally:
+        srv.stop()

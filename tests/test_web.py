@@ -30,7 +30,7 @@ def web_server(tmp_path_factory):
     srv.stop()
 
 
-def test_web_chat_generates_an_image_then_answers_about_it(web_server):
+def test_web_chat_generates_an_image_answers_about_it_and_edits_it(web_server):
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("no chromium on PATH: `make browser` installs Debian's package")
@@ -66,7 +66,17 @@ def test_web_chat_generates_an_image_then_answers_about_it(web_server):
                 arg=answers_before,
                 timeout=120_000,
             )
-            page.screenshot(path=str(ARTIFACTS / "web_chat.png"), full_page=True)
             assert len(sorted(out.glob("*.png"))) == 1  # the question produced text, not another image
+            # 3. Click the generated image to edit it: the next message is the instruction.
+            page.locator("#chat img").first.click()
+            page.locator("#edit-note").get_by_text("Editing the selected image").wait_for(timeout=30_000)
+            box.fill("Make the circle blue.")
+            box.press("Enter")
+            # The source comes back as the user's image, then the edited one: three images in the chat.
+            page.wait_for_function(
+                "() => document.querySelectorAll('#chat img').length >= 3", timeout=120_000
+            )
+            assert len(sorted(out.glob("*.png"))) == 2
+            page.screenshot(path=str(ARTIFACTS / "web_chat.png"), full_page=True)
         finally:
             browser.close()

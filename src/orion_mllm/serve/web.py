@@ -81,11 +81,13 @@ def build_web_chat(api: OrionApi, out_dir: str | Path) -> gr.Blocks:
         return history, session, None, gr.update(value=None), files, ""
 
     def select(evt: gr.SelectData, history: list):
+        # An image message arrives as {"component": "image", "value": {"path": ...}} (or a file dict).
         value = evt.value if isinstance(evt.value, dict) else {}
-        file = value.get("file") if isinstance(value.get("file"), dict) else value
+        inner = value.get("value") if isinstance(value.get("value"), dict) else value.get("file")
+        file = inner if isinstance(inner, dict) else value
         path = file.get("path") if isinstance(file, dict) else None
         if not path:
-            return None, ""
+            return None, "Only images can be edited: click an image in the conversation."
         return path, f"Editing the selected image: type an instruction ({Path(path).name})."
 
     def clear():
