@@ -88,10 +88,7 @@ def main() -> int:
     correct, psnrs = 0, []
     for i in range(0, len(images), 50):
         batch = images[i : i + 50]
-        recon = sample(
-            decoder, encoder(batch), steps=args.steps, cfg_scale=args.cfg, seed=0,
-            shift=float(decoder.config.extra.get("time_shift", 1.0)),
-        )  # fmt: skip
+        recon = sample(decoder, encoder(batch), steps=args.steps, cfg_scale=args.cfg, seed=0)
         for rec, src, img in zip(records[i : i + 50], batch, recon, strict=True):
             arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             ref = np.asarray(src, dtype=np.float32) / 255

@@ -229,13 +229,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-    from PIL import Image
     from safetensors.torch import load_file
 
-    from orion_mllm.decoder.flow import sample
+    from orion_mllm.decoder.flow import sample, to_pil_images
     from orion_mllm.decoder.model import OrionDecoder
 
     decoder = OrionDecoder.from_pretrained(args.decoder)
@@ -253,22 +249,8 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     edit = data.get("edit_tokens")
     if edit is not None:
         edit = edit.float().unsqueeze(0) if edit.dim() == 2 else edit.float()
-    extra = decoder.config.extra
-    images = sample(
-        decoder, tokens, edit_tokens=edit,
-        steps=args.steps or int(extra.get("sample_steps", 20)),
-        cfg_scale=args.cfg if args.cfg is not None else float(extra.get("cfg_scale", 1.0)),
-        seed=args.seed, shift=float(extra.get("time_shift", 1.0)),
-    )  # fmt: skip
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, img in enumerate(images):
-        target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        Image.fromarray(arr).save(target)
-        written.append(str(target))
-    del torch
+    images = sample(decoder, tokens, edit_tokens=edit, steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+    written = _write_images(to_pil_images(images), args.output)
     print(json.dumps({"images": written}))
     return 0
 
@@ -289,18 +271,21 @@ def _cmd_convert_nexus_gen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, *, need_decoder: bool = False):
     from transformers.utils import logging as hf_logging
 
-    from orion_mllm.inference.pipeline import OrionPipeline
+    from orion_mllm.inference.pipeline import NO_DECODER, OrionPipeline
 
     # Inference commands print their answer only: no weight-loading bars on the terminal.
     hf_logging.disable_progress_bar()
 
-    return OrionPipeline.load(
+    pipe = OrionPipeline.load(
         args.model, getattr(args, "decoder", None), device=args.device, dtype=args.dtype,
         offload_decoder=not args.no_offload,
     )  # fmt: skip
+    if need_decoder and pipe.decoder is None:
+        raise ValueError(NO_DECODER)
+    return pipe
 
 
 def _sampling(args: argparse.Namespace, **kw):
@@ -335,9 +320,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n {args.n}: must be >= 1")
     _check_output(args.output)
-    pipe = _pipeline(args)
-    if pipe.decoder is None:
-        raise ValueError("no decoder: pass --decoder DIR or put one in the model directory's decoder/ folder")
+    pipe = _pipeline(args, need_decoder=True)
     tokens, prompts = pipe.image_tokens(
         args.prompt, n=args.n, seed=args.seed, elaborate=args.elaborate, temperature=args.temperature or 1.0
     )
@@ -368,9 +351,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("empty instruction")
     _check_output(args.output)
     (source,) = _load_user_images([args.image])
-    pipe = _pipeline(args)
-    if pipe.decoder is None:
-        raise ValueError("no decoder: pass --decoder DIR or put one in the model directory's decoder/ folder")
+    pipe = _pipeline(args, need_decoder=True)
     tokens, _ = pipe.image_tokens(args.instruction, seed=args.seed, source=source)
     written = _write_images(
         pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
 
 from orion_mllm.decoder.model import OrionDecoder
 
@@ -73,6 +74,12 @@ def flow_matching_loss(
     return err.mean()
 
 
+def to_pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] pixels in [0, 1] (any device / dtype) -> RGB PIL images."""
+    arrays = (pixels.detach().permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
 def make_scheduler(steps: int, shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps)
@@ -85,13 +92,20 @@ def sample(
     tokens: torch.Tensor,
     *,
     edit_tokens: torch.Tensor | None = None,
-    steps: int = 20,
-    cfg_scale: float = 1.0,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
     seed: int = 0,
-    shift: float = 1.0,
+    shift: float | None = None,
     return_latents: bool = False,
 ) -> torch.Tensor:
-    """Render images [B, 3, H, W] in [0, 1] from visual tokens [B, N, d]; deterministic per seed."""
+    """Render images [B, 3, H, W] in [0, 1] from visual tokens [B, N, d]; deterministic per seed.
+
+    ``steps`` / ``cfg_scale`` / ``shift`` left as None take the values saved with the decoder
+    (``config.extra``: ``sample_steps``, ``cfg_scale``, ``time_shift``), else 20 / 1 / 1."""
+    extra = decoder.config.extra
+    steps = int(extra.get("sample_steps", 20)) if steps is None else steps
+    cfg_scale = float(extra.get("cfg_scale", 1.0)) if cfg_scale is None else cfg_scale
+    shift = float(extra.get("time_shift", 1.0)) if shift is None else shift
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least 1 sampling step")
     decoder.check_tokens(tokens)

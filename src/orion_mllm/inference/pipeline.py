@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from orion_mllm.decoder.flow import sample
+from orion_mllm.decoder.flow import sample, to_pil_images
 from orion_mllm.decoder.model import DECODER_CONFIG, OrionDecoder
 from orion_mllm.inference.engine import Engine, Generated, Prompt, SamplingConfig
 from orion_mllm.inference.session import ChatSession, GeneratedImage, Part, UserImage
@@ -29,6 +29,7 @@ from orion_mllm.sequence import EncodedConversation
 # Appendix A.1 / section 5: diversity comes from sampling an elaborated prompt, then regressing the image.
 ELABORATE_TEMPLATE = "Describe in detail a picture of the following, for an illustrator: {prompt}"
 DECODER_SUBDIR = "decoder"
+NO_DECODER = "no decoder: pass --decoder DIR or put one in the model directory's decoder/ folder"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -148,7 +149,8 @@ class OrionPipeline:
         enc, visual = self.encode(session)
         return self.engine.prompt(enc, visual, open_image=open_image, seed=seed)
 
-    def _reply_parts(self, out: Generated) -> Reply:
+    def reply_from(self, out: Generated) -> Reply:
+        """An engine output as the assistant turn it makes: text pieces and generated images, in order."""
         tok = self.engine.tokenizer
         parts: list[Part] = []
         images: list[GeneratedImage] = []
@@ -187,7 +189,7 @@ class OrionPipeline:
         """Continue the session with one assistant turn (appended to it) and return that turn."""
         prompt = self.prompt(session, open_image=open_image, seed=seed)
         out = self.engine.generate([prompt], sampling or SamplingConfig())[0]
-        reply = self._reply_parts(out)
+        reply = self.reply_from(out)
         session.add("assistant", reply.parts)
         return reply
 
@@ -216,15 +218,23 @@ class OrionPipeline:
                 asks.append(self.prompt(s, seed=seed + k))
             cfg = SamplingConfig(max_new_tokens=96, temperature=temperature, top_p=0.95, allow_images=False)
             outs = self.engine.generate(asks, cfg)
-            requests = [self._reply_parts(o).text.strip() or prompt for o in outs]
+            requests = [self.reply_from(o).text.strip() or prompt for o in outs]
+        prompts = self.image_prompts(requests, seed=seed, source=source)
+        # One text token after the image closes the loop (the image itself is always completed).
+        outs = self.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
+        return [o.images[0] for o in outs], requests
+
+    def image_prompts(
+        self, requests: list[str], *, seed: int = 0, source: Image.Image | None = None
+    ) -> list[Prompt]:
+        """One prompt per request whose reply starts with an image (an edit of ``source`` when given);
+        request k gets seed ``seed + k``."""
         prompts = []
         for k, req in enumerate(requests):
             s = ChatSession()
             s.add("user", [UserImage(source), req] if source is not None else [req])
             prompts.append(self.prompt(s, open_image=True, seed=seed + k))
-        # One text token after the image closes the loop (the image itself is always completed).
-        outs = self.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
-        return [o.images[0] for o in outs], requests
+        return prompts
 
     def render(
         self,
@@ -235,22 +245,14 @@ class OrionPipeline:
         cfg_scale: float | None = None,
     ) -> list[Image.Image]:
         if self.decoder is None:
-            raise ValueError(
-                "no decoder: pass --decoder DIR or put one in the model directory's decoder/ folder"
-            )
+            raise ValueError(NO_DECODER)
         dec = self.decoder
-        extra = dec.config.extra
         dev = self.device
         dec.to(dev)
         try:
             batch = torch.stack([t.float() for t in tokens]).to(dev, next(dec.parameters()).dtype)
-            pixels = sample(
-                dec, batch, steps=steps or int(extra.get("sample_steps", 20)),
-                cfg_scale=float(extra.get("cfg_scale", 1.0)) if cfg_scale is None else cfg_scale,
-                seed=seed, shift=float(extra.get("time_shift", 1.0)),
-            )  # fmt: skip
+            pixels = sample(dec, batch, steps=steps, cfg_scale=cfg_scale, seed=seed)
         finally:
             if self.offload_decoder:
                 dec.to("cpu")
-        arrays = (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
-        return [Image.fromarray(a) for a in arrays]
+        return to_pil_images(pixels)

@@ -235,7 +235,7 @@ class OrionApi:
             outs = pipe.engine.generate(prompts, cfg, on_token=on_token)
             results = []
             for job, out in zip(jobs, outs, strict=True):
-                reply = pipe._reply_parts(out)
+                reply = pipe.reply_from(out)
                 rendered = []
                 if reply.images and pipe.decoder is not None:
                     rendered = pipe.render(
@@ -446,13 +446,9 @@ def create_app(
         return n
 
     async def render_images(prompt: str, n: int, seed: int, source: Image.Image | None):
-        prompts = []
-        for k in range(n):
-            s = ChatSession()
-            s.add("user", [UserImage(source), prompt] if source is not None else [prompt])
-            p = pipeline.prompt(s, open_image=True, seed=seed + k)
+        prompts = pipeline.image_prompts([prompt] * n, seed=seed, source=source)
+        for p in prompts:
             api.check_prompt_length(p, "prompt")
-            prompts.append(p)
         images = await api.run("image", None, {"prompts": prompts, "seed": seed})
         return {"created": int(time.time()), "data": [{"b64_json": _png_b64(im)} for im in images]}
 
