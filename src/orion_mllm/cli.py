@@ -9,6 +9,11 @@
     orion data shapes --out DIR [--size 64] [--n-und N ...]       write the ShapesWorld datasets
     orion eval shapes-gen --oracle --out DIR [--size 64]          oracle renders in GenEval layout, scored
     orion eval shapes-score --images DIR                          score any GenEval-layout folder
+    orion eval shapes-gen --model DIR --out DIR                   a model's images for the prompt set, scored
+    orion eval shapes-und --model DIR [--n 200]                   understanding accuracy (held-out set)
+    orion eval shapes-edit --model DIR [--n 200]                  editing accuracy (held-out set)
+    orion eval drift --base DIR --model DIR [--images PATH]       semantic drift table + figure
+    orion quickstart [--preset tiny|micro] [--out DIR]            the whole pipeline, report + metrics.json
     orion train RECIPE.yaml [--output DIR] [--nproc N] [key=value ...]   one training stage (resumes)
     orion decode --decoder DIR --tokens T.safetensors -o out.png [--steps N --cfg S --seed S]
     orion convert nexus-gen-decoder SRC DST (--flux FLUX_DIR | --pooled FILE)
@@ -146,16 +151,103 @@ def _print_scores(scores: dict[str, float]) -> None:
 
 
 def _cmd_eval_shapes_gen(args: argparse.Namespace) -> int:
-    from orion_mllm.eval.shapes_gen import score_folder, write_oracle
+    from orion_mllm.eval.shapes_gen import prompt_set, score_folder, write_oracle
 
-    if not args.oracle:
-        raise ValueError(
-            "model-based generation is not available yet (it comes with the inference engine); "
-            "use --oracle to write and score ground-truth renders, or score your own images with shapes-score"
-        )
-    n = write_oracle(args.out, size=args.size, seed=args.seed, samples=args.samples)
-    print(f"wrote {n} prompts with oracle renders to {args.out}")
-    _print_scores(score_folder(args.out))
+    if args.oracle == bool(args.model):
+        raise ValueError("give either --model DIR (score a model) or --oracle (score ground-truth renders)")
+    if args.oracle:
+        n = write_oracle(args.out, size=args.size, seed=args.seed, samples=args.samples)
+        print(f"wrote {n} prompts with oracle renders to {args.out}")
+        _print_scores(score_folder(args.out))
+        return 0
+    from orion_mllm.eval.model_eval import eval_generation
+
+    pipe = _eval_pipeline(args, need_decoder=True)
+    _print_scores(eval_generation(pipe, args.out, prompts=prompt_set(args.seed), batch_size=args.batch_size))
+    return 0
+
+
+def _eval_pipeline(args: argparse.Namespace, *, need_decoder: bool = False):
+    """A pipeline for the ShapesWorld benchmarks: their data is LLaVA-form ("<image>\\n" + text), also
+    for a plain-Qwen stage-0 base trained on it."""
+    from orion_mllm.inference.pipeline import NO_DECODER, OrionPipeline
+
+    pipe = OrionPipeline.load(
+        args.model, getattr(args, "decoder", None), device=args.device, image_separator="\n"
+    )
+    if need_decoder and pipe.decoder is None:
+        raise ValueError(NO_DECODER)
+    return pipe
+
+
+def _eval_records(args: argparse.Namespace, pipe, name: str) -> tuple[list, Path]:
+    from orion_mllm.eval.model_eval import eval_set, read_jsonl
+
+    size = pipe.model.config.image_spec.gen_image_size
+    root = Path(args.data or f"data/shapes-eval-{size}")
+    eval_set(root, size=size, n_und=max(args.n, 200), n_edit=max(args.n, 200))
+    records = read_jsonl(root / f"{name}.jsonl")[: args.n]
+    return records, root
+
+
+def _cmd_eval_shapes_und(args: argparse.Namespace) -> int:
+    from orion_mllm.eval.model_eval import eval_understanding
+
+    pipe = _eval_pipeline(args)
+    records, root = _eval_records(args, pipe, "und")
+    scores = eval_understanding(pipe, records, root, batch_size=args.batch_size)
+    for k, v in scores.items():
+        print(f"  {k:14s} {v:.4f}" if k != "questions" else f"  {k:14s} {v}")
+    print(json.dumps(scores))
+    return 0
+
+
+def _cmd_eval_shapes_edit(args: argparse.Namespace) -> int:
+    from orion_mllm.eval.model_eval import eval_editing
+
+    pipe = _eval_pipeline(args, need_decoder=True)
+    records, root = _eval_records(args, pipe, "edit")
+    scores = eval_editing(pipe, records, root, batch_size=args.batch_size, save_dir=args.out)
+    for k, v in scores.items():
+        print(f"  {k:14s} {v:.4f}" if k != "edits" else f"  {k:14s} {v}")
+    print(json.dumps(scores))
+    return 0
+
+
+def _cmd_eval_drift(args: argparse.Namespace) -> int:
+    import torch
+
+    from orion_mllm.eval.model_eval import eval_set
+    from orion_mllm.inference.pipeline import load_model
+    from orion_mllm.workflow.evaluate import measure_drift
+
+    model, _ = load_model(args.model, torch.device("cpu"), torch.float32)
+    images = args.images
+    if images is None:
+        size = model.config.image_spec.gen_image_size
+        root = eval_set(args.data or f"data/shapes-eval-{size}", size=size)
+        images = root / "heldout_gen.jsonl"
+    summary = measure_drift(args.base, model, images, args.out, args.n, k=args.top_k)
+    print((Path(args.out) / "drift.md").read_text())
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from orion_mllm.workflow.quickstart import Quickstart
+
+    qs = Quickstart(args.preset, args.out, max_steps=args.max_steps, eval_limit=args.eval_limit)
+    m = qs.run()
+    print(
+        f"\nquickstart {m['preset']} finished: {m['wall_minutes']:.1f} min of steps\n"
+        f"  understanding  base {m['base_und_accuracy']:.3f} -> final {m['final_und_accuracy']:.3f}\n"
+        f"  generation     shapes-gen overall {m['gen_overall']:.3f}\n"
+        f"  editing        shapes-edit {m['edit_accuracy']:.3f}\n"
+        f"  drift          KL(base || final) {m['drift_kl_final']:.4f}\n"
+        f"  report         {qs.out / 'report.md'}\n"
+        f"  model          {m['model_dir']}  (try: orion chat --model {m['model_dir']})"
+    )
+    print(json.dumps({k: m[k] for k in ("model_dir", "wall_minutes", "preset")}))
     return 0
 
 
@@ -449,7 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     evals = sub.add_parser("eval", help="benchmarks on ShapesWorld")
     eval_sub = evals.add_subparsers(dest="eval_command", required=True)
     p = eval_sub.add_parser("shapes-gen", help="GenEval-style prompt set in GenEval's layout, scored")
+    p.add_argument("--model", default=None, help="ORION model directory to generate with (decoder inside)")
+    p.add_argument("--decoder", default=None, help="decoder directory (default: MODEL/decoder)")
     p.add_argument("--oracle", action="store_true", help="render the ground-truth scenes (scorer self-check)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--out", required=True, help="output folder (<out>/<index>/metadata.jsonl, samples/<k>.png)"
     )
@@ -462,6 +558,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", required=True, help="folder with <index>/metadata.jsonl and <index>/samples/*.png"
     )
     p.set_defaults(func=_cmd_eval_shapes_score)
+
+    def eval_model_options(p: argparse.ArgumentParser, n: int) -> None:
+        p.add_argument("--model", required=True, help="model directory (ORION, or a plain Qwen2.5-VL base)")
+        p.add_argument(
+            "--data", default=None, help="held-out ShapesWorld eval set (default: data/shapes-eval-SIZE, "
+            "written on first use with a seed no training recipe uses)",
+        )  # fmt: skip
+        p.add_argument("--n", type=int, default=n, help=f"records to evaluate (default: {n})")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--batch-size", type=int, default=32)
+
+    p = eval_sub.add_parser(
+        "shapes-und", help="understanding accuracy of a model (circular MCQ, short answers)"
+    )
+    eval_model_options(p, 200)
+    p.set_defaults(func=_cmd_eval_shapes_und)
+    p = eval_sub.add_parser("shapes-edit", help="editing accuracy of a model (recolour/add/remove/move/swap)")
+    eval_model_options(p, 200)
+    p.add_argument("--decoder", default=None, help="decoder directory (default: MODEL/decoder)")
+    p.add_argument("--out", default=None, help="folder for the edited images")
+    p.set_defaults(func=_cmd_eval_shapes_edit)
+    p = eval_sub.add_parser(
+        "drift", help="semantic drift (Figure 3): text-head top-k and KL(base || model) at visual positions"
+    )
+    p.add_argument("--base", required=True, help="the base model (the KL teacher), e.g. the stage-0 export")
+    p.add_argument("--model", required=True, help="the trained ORION model")
+    p.add_argument(
+        "--images", default=None, help="a folder of images or a JSONL of generation records (default: "
+        "ShapesWorld held-out generation records at the model's image size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data", default=None, help="ShapesWorld eval set folder (default: data/shapes-eval-SIZE)"
+    )
+    p.add_argument("--n", type=int, default=32, help="images to probe (default: 32)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--out", default="runs/drift", help="folder for drift.md, drift.png, drift.json")
+    p.set_defaults(func=_cmd_eval_drift)
+
+    p = sub.add_parser(
+        "quickstart",
+        help="the whole pipeline on ShapesWorld: base VLM, decoder, ORION stages 1-3, eval, report",
+        description="Generate ShapesWorld data, train the base VLM (stage 0) and the decoder, run ORION "
+        "stages 1-3, evaluate base and final models, write OUT/report.md and OUT/metrics.json. "
+        "Re-running resumes.",
+    )
+    p.add_argument(
+        "--preset", default="tiny", choices=["micro", "tiny"], help="tiny (default, ~20 min) or micro"
+    )
+    p.add_argument("--out", default=None, help="run folder (default: runs/quickstart-PRESET)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
+    p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")
+    p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser(
         "train",

@@ -76,10 +76,15 @@ class OrionPipeline:
         is_orion: bool = True,
         offload_decoder: bool = True,
         kv_cache: bool = True,
+        image_separator: str | None = None,
     ) -> None:
         self.model = model
         self.device = device or next(model.parameters()).device
         self.is_orion = is_orion
+        # What follows an image in a user turn. ORION models learn from LLaVA-style data ("<image>\n" +
+        # text); plain Qwen2.5-VL directories get Qwen's own template (text right after the image),
+        # unless they too were trained on LLaVA-style data (the ShapesWorld stage-0 base).
+        self.image_separator = ("\n" if is_orion else "") if image_separator is None else image_separator
         self.engine = Engine(model, kv_cache=kv_cache)
         self.builder = model.sequence_builder()
         self.decoder = decoder
@@ -90,7 +95,7 @@ class OrionPipeline:
     @classmethod
     def load(
         cls, model_dir: str | Path, decoder_dir: str | Path | None = None, *, device: str = "auto",
-        dtype: str = "auto", offload_decoder: bool = True,
+        dtype: str = "auto", offload_decoder: bool = True, image_separator: str | None = None,
     ) -> OrionPipeline:  # fmt: skip
         dev = pick_device(device)
         torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
@@ -106,7 +111,10 @@ class OrionPipeline:
                     f"decoder {decoder_dir} renders {decoder.config.token_dim}-wide tokens but the model's "
                     f"are {model.hidden_size}-wide"
                 )
-        return cls(model, decoder, device=dev, is_orion=is_orion, offload_decoder=offload_decoder)
+        return cls(
+            model, decoder, device=dev, is_orion=is_orion, offload_decoder=offload_decoder,
+            image_separator=image_separator,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ prompts
 
@@ -117,9 +125,7 @@ class OrionPipeline:
             raise ValueError("empty conversation: nothing to answer")
         spec = self.model.config.image_spec
         placeholder = Image.new("RGB", (spec.gen_image_size, spec.gen_image_size), "white")
-        # ORION models learn from LLaVA-style data ("<image>\n" + text); plain Qwen2.5-VL directories get
-        # Qwen's own template (text right after the image).
-        messages, known = session.to_messages(placeholder, "\n" if self.is_orion else "")
+        messages, known = session.to_messages(placeholder, self.image_separator)
         enc = self.builder.encode(messages, add_generation_prompt=True)
         if enc.pixel_values is None:
             return enc, None

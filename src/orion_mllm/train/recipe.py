@@ -143,6 +143,18 @@ class AnomalySection(_Strict):
     max_consecutive: int = Field(5, gt=0)
 
 
+class DriftSection(_Strict):
+    """Semantic-drift probe of stages 2-3 (``eval/drift.py``): KL(base || model) of the text head at the
+    visual positions of a fixed batch of generation records, logged as ``drift_kl``."""
+
+    every: int = Field(50, ge=0, description="steps between probes (0: off); the last step is always probed")
+    samples: int = Field(16, gt=0, description="generation records in the probe batch")
+    path: str | None = Field(
+        None, description="JSONL of generation records, relative to data_root (default: the first "
+        "generation entry of data)",
+    )  # fmt: skip
+
+
 class Recipe(_Strict):
     stage: Stage
     description: str = ""
@@ -160,6 +172,7 @@ class Recipe(_Strict):
     data: list[DatasetEntry] = Field(min_length=1)
     checkpoint: CheckpointSection = CheckpointSection()
     anomaly: AnomalySection = AnomalySection()
+    drift: DriftSection = DriftSection()
 
     @model_validator(mode="after")
     def _stage_rules(self) -> Recipe:

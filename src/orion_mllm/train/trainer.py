@@ -33,9 +33,12 @@ import torch
 from torch import nn
 
 from orion_mllm.data.mixture import MixtureSampler
+from orion_mllm.data.sources import open_dataset
+from orion_mllm.eval.drift import DriftProbe
 from orion_mllm.losses import LossWeights
 from orion_mllm.model.backbone import save_processor
 from orion_mllm.model.orion import OrionModel
+from orion_mllm.sequence import Batch
 from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import AnomalyGuard
 from orion_mllm.train.batches import (
@@ -56,7 +59,7 @@ from orion_mllm.train.distributed import (
     parallelize,
 )
 from orion_mllm.train.metrics import MetricsLogger
-from orion_mllm.train.recipe import Recipe, recipe_to_yaml
+from orion_mllm.train.recipe import DatasetEntry, Recipe, recipe_to_yaml
 from orion_mllm.train.schedule import LRSchedule, build_scheduler
 from orion_mllm.train.setup import (
     FINAL_MODEL,
@@ -75,13 +78,14 @@ BAD_SAMPLES_LOG = "skipped_samples.jsonl"
 # of an otherwise clean corpus does not abort the run.
 MIN_SAMPLES_FOR_BAD_CAP = 50
 
+DRIFT_WEIGHTS = LossWeights(ce=0.0, mse=0.0, kl=1.0)
 StepCallback = Callable[["Trainer", int, dict[str, Any]], None]
 
 # Recipe keys that may change between a run and its resume: they change how the run is watched,
 # checkpointed or batched, not what it computes (losses are normalised per global step, so the
 # micro-batch split does not matter). Anything else changed on resume is refused.
 RESUMABLE_CHANGES = (
-    "description", "checkpoint.", "anomaly.", "data_root", "shapes_data", "train.log_every",
+    "description", "checkpoint.", "anomaly.", "drift.", "data_root", "shapes_data", "train.log_every",
     "train.max_bad_sample_share", "train.max_steps", "train.micro_batch_size", "train.packing",
     "train.pack_tokens", "train.activation_checkpointing", "model.attn_implementation",
 )  # fmt: skip
@@ -242,8 +246,11 @@ class Trainer:
         pad_id = model.processor.tokenizer.pad_token_id
         use_cuda = d.device.type == "cuda"
         bf16 = use_cuda and r.model.dtype == "bfloat16"
+        # The drift probe compares the model with the KL teacher (the base), so it needs one even
+        # when the KL term is off (the KL-off ablation is where drift is largest).
+        probe = self._drift_probe(model)
         teacher = None
-        if self.weights.kl > 0:
+        if self.weights.kl > 0 or probe is not None:
             teacher = load_teacher(
                 info["teacher"],
                 seed=r.train.seed,
@@ -332,6 +339,8 @@ class Trainer:
                 counters["seen_samples"] += record["seen_samples_step"]
                 counters["tokens"] += record["tokens"]
                 self._record_bad(step, record.pop("bad"))
+                if probe is not None and (step % r.drift.every == 0 or step + 1 == total):
+                    record["drift_kl"] = self._measure_drift(model, teacher, probe, autocast)
                 record.update(
                     lr=lr,
                     tokens_per_s=record["tokens"] / max(time.time() - t0, 1e-9),
@@ -378,6 +387,36 @@ class Trainer:
             self._log(f"exported {final}")
         barrier(d)
         return TrainResult(self.run_dir, final, total, guard.skipped, counters["skipped_samples"], last)
+
+    # ------------------------------------------------------------------ drift probe
+
+    def _drift_probe(self, model: OrionModel) -> list[Batch] | None:
+        """Stages 2-3: a fixed batch of generation records (``drift`` section) for the drift KL."""
+        r = self.recipe
+        if r.stage not in ("pretrain", "sft") or r.drift.every == 0:
+            return None
+        if r.drift.path is not None:
+            entry = DatasetEntry(name="drift_probe", path=r.drift.path, task="generation", weight=1.0)
+        else:
+            entry = next((e for e in r.data if e.task == "generation" and e.format == "conversations"), None)
+            if entry is None:
+                self._log("drift probe off: no generation entry in conversations format (set drift.path)")
+                return None
+        source = open_dataset(entry, r.data_root)
+        records = [source.get(i).record for i in range(min(r.drift.samples, len(source)))]
+        probe = DriftProbe.from_records(model, records)
+        return probe.batches
+
+    def _measure_drift(self, model, teacher, probe: list[Batch], autocast) -> float:
+        """KL(base || model) of the text head at the probe's visual positions (the KL term itself, run
+        through the model's own forward so that FSDP-sharded models need nothing special)."""
+        total, positions = 0.0, 0
+        with torch.no_grad(), autocast():
+            for batch in probe:
+                out = model(batch.to(self.dist.device), DRIFT_WEIGHTS, teacher)
+                total += float(out.terms.kl) * out.num_visual_targets
+                positions += out.num_visual_targets
+        return total / max(positions, 1)
 
     # ------------------------------------------------------------------ one step
 

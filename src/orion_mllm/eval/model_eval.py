@@ -1,0 +1,253 @@
+"""Run a model through ShapesWorld's benchmarks: ``shapes-und``, ``shapes-gen`` and ``shapes-edit``.
+
+The scorers (``shapes_und_edit``, ``shapes_gen``) take a callable standing for the model and ask it
+one question at a time; here the questions are collected first (they never depend on earlier
+answers: dialogues are asked with the gold history), answered in batches by the inference engine
+(greedy, so a batch gives what one-at-a-time would), and handed back to the scorer.
+
+The evaluation records come from ``eval_set``: ShapesWorld files written with a seed no training
+recipe uses (``EVAL_SEED``), so the images and questions are held out from training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from orion_mllm.data.shapes.datasets import write_shapes_dataset
+from orion_mllm.eval.shapes_gen import GenPrompt, prompt_set, score_folder
+from orion_mllm.eval.shapes_und_edit import normalise, score_edits, score_understanding
+from orion_mllm.images import load_image
+from orion_mllm.inference.engine import SamplingConfig
+from orion_mllm.inference.pipeline import OrionPipeline
+from orion_mllm.inference.session import ChatSession, GeneratedImage, UserImage
+
+EVAL_SEED = 90_210  # no recipe generates training data with this seed
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def eval_set(
+    root: str | Path, *, size: int, n_und: int = 200, n_edit: int = 200, n_interleaved: int = 50,
+    progress: bool = True,
+) -> Path:  # fmt: skip
+    """The held-out evaluation records under ``root`` (written once; reused when ``meta.json`` agrees)."""
+    root = Path(root)
+    meta_file = root / "meta.json"
+    want = {"seed": EVAL_SEED, "size": size, "und": n_und, "edit": n_edit, "interleaved": n_interleaved}
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        counts = meta.get("counts", {})
+        have = {
+            "seed": meta.get("seed"),
+            "size": meta.get("size"),
+            "und": counts.get("und"),
+            "edit": counts.get("edit"),
+        }
+        if have == want:
+            return root
+    write_shapes_dataset(
+        root, size=size, n_und=n_und, n_gen=0, n_edit=n_edit, n_interleaved=n_interleaved, n_heldout=100,
+        seed=EVAL_SEED, progress=progress,
+    )  # fmt: skip
+    return root
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation records not found")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def session_from_turns(image: Image.Image, turns: Sequence[dict[str, str]]) -> ChatSession:
+    """A chat session from LLaVA-form turns whose first human turn starts with ``<image>``."""
+    session = ChatSession()
+    for k, turn in enumerate(turns):
+        role = "user" if turn["from"] == "human" else "assistant"
+        text = turn["value"]
+        if k == 0 and text.startswith(IMAGE_PLACEHOLDER):
+            session.add(role, [UserImage(image), text.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")])
+        else:
+            session.add(role, [text])
+    return session
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def answer_many(
+    pipe: OrionPipeline, queries: Sequence[tuple[Path, list[dict[str, str]]]], *, batch_size: int = 32,
+    max_new_tokens: int = 48, progress: bool = True, desc: str = "answering",
+) -> list[str]:  # fmt: skip
+    """Greedy answers to (image path, LLaVA turns ending with a question), batched."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, allow_images=False)
+    images: dict[Path, Image.Image] = {}
+    answers: list[str] = []
+    bar = tqdm(total=len(queries), desc=desc, disable=not progress)
+    for chunk in _batches(queries, batch_size):
+        prompts = []
+        for path, turns in chunk:
+            if path not in images:
+                images[path] = load_image(path)
+            prompts.append(pipe.prompt(session_from_turns(images[path], turns)))
+        with torch.no_grad():
+            outs = pipe.engine.generate(prompts, sampling)
+        answers.extend(pipe.reply_from(o).text.strip() for o in outs)
+        bar.update(len(chunk))
+    bar.close()
+    return answers
+
+
+def eval_understanding(
+    pipe: OrionPipeline, records: Sequence[dict[str, Any]], root: str | Path, *, batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """``shapes-und`` accuracy per question type and ``overall`` (see ``score_understanding``)."""
+    asked: list[tuple[Path, list[dict[str, str]]]] = []
+
+    def record_question(image: Path, turns: list[dict[str, str]]) -> str:
+        asked.append((image, [dict(t) for t in turns]))
+        return ""
+
+    score_understanding(records, root, record_question)  # pass 1: the questions, in order
+    answers = iter(answer_many(pipe, asked, batch_size=batch_size, progress=progress, desc="shapes-und"))
+    return score_understanding(records, root, lambda image, turns: next(answers))
+
+
+def regress_tokens(
+    pipe: OrionPipeline, requests: Sequence[str], *, sources: Sequence[Image.Image] | None = None,
+    batch_size: int = 32, seed: int = 0, progress: bool = True, desc: str = "regressing",
+) -> list[torch.Tensor]:  # fmt: skip
+    """The visual tokens [N, d] of one image per request (an edit of ``sources[k]`` when given)."""
+    tokens: list[torch.Tensor] = []
+    bar = tqdm(total=len(requests), desc=desc, disable=not progress)
+    for start in range(0, len(requests), batch_size):
+        chunk = list(requests[start : start + batch_size])
+        prompts = []
+        for k, req in enumerate(chunk):
+            s = ChatSession()
+            s.add("user", [UserImage(sources[start + k]), req] if sources is not None else [req])
+            prompts.append(pipe.prompt(s, open_image=True, seed=seed + start + k))
+        with torch.no_grad():
+            outs = pipe.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
+        tokens.extend(o.images[0] for o in outs)
+        bar.update(len(chunk))
+    bar.close()
+    return tokens
+
+
+def render_tokens(
+    pipe: OrionPipeline, tokens: Sequence[torch.Tensor], *, batch_size: int = 32, seed: int = 0
+) -> list[Image.Image]:
+    """Decoder renderings, batched; the noise of each batch is drawn from ``seed + its first index``,
+    so the same ``batch_size`` gives the same images (the tokens themselves never depend on it)."""
+    images: list[Image.Image] = []
+    for start in range(0, len(tokens), batch_size):
+        with torch.no_grad():
+            images.extend(pipe.render(list(tokens[start : start + batch_size]), seed=seed + start))
+    return images
+
+
+def generate_images(
+    pipe: OrionPipeline, requests: Sequence[str], *, sources: Sequence[Image.Image] | None = None,
+    batch_size: int = 32, seed: int = 0, progress: bool = True, desc: str = "generating",
+) -> list[Image.Image]:  # fmt: skip
+    """One image per request (an edit of ``sources[k]`` when given): regress tokens, then render."""
+    tokens = regress_tokens(
+        pipe, requests, sources=sources, batch_size=batch_size, seed=seed, progress=progress, desc=desc
+    )
+    return render_tokens(pipe, tokens, batch_size=batch_size, seed=seed)
+
+
+def eval_generation(
+    pipe: OrionPipeline, outdir: str | Path, *, prompts: Sequence[GenPrompt] | None = None,
+    batch_size: int = 32, seed: int = 0, progress: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """``shapes-gen``: one image per prompt written in GenEval's layout under ``outdir``, then scored."""
+    outdir = Path(outdir)
+    prompts = list(prompts if prompts is not None else prompt_set())
+    images = generate_images(
+        pipe, [p.prompt for p in prompts], batch_size=batch_size, seed=seed, progress=progress,
+        desc="shapes-gen",
+    )  # fmt: skip
+    for p, image in zip(prompts, images, strict=True):
+        folder = outdir / f"{p.index:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(p.metadata(), sort_keys=True) + "\n")
+        image.save(folder / "samples" / "0000.png")
+    return score_folder(outdir, progress=progress)
+
+
+def eval_editing(
+    pipe: OrionPipeline, records: Sequence[dict[str, Any]], root: str | Path, *, batch_size: int = 32,
+    seed: int = 0, progress: bool = True, save_dir: str | Path | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """``shapes-edit`` accuracy per operation and ``overall``; edited images saved to ``save_dir``."""
+    root = Path(root)
+    sources = [load_image(root / r["images"][0]) for r in records]
+    edited = generate_images(
+        pipe, [r["instruction"] for r in records], sources=sources, batch_size=batch_size, seed=seed,
+        progress=progress, desc="shapes-edit",
+    )  # fmt: skip
+    by_source = {root / r["images"][0]: im for r, im in zip(records, edited, strict=True)}
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for r, im in zip(records, edited, strict=True):
+            im.save(save_dir / f"{r['id']}.png")
+    edit_fn: Callable[[Path, str], Image.Image] = lambda source, instruction: by_source[source]  # noqa: E731
+    return score_edits(records, root, edit_fn)
+
+
+def eval_interleaved(
+    pipe: OrionPipeline, records: Sequence[dict[str, Any]], *, batch_size: int = 32, progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:  # fmt: skip
+    """Generate-then-ask dialogues (``interleaved.jsonl``): the model draws the prompt's image, then is
+    asked about it with its own predicted tokens in context (paper 4.3, zero-shot: no training
+    dialogue mixes the two). Returns the answer accuracy and, per record, what was said."""
+    prompts = [r["conversations"][0]["value"] for r in records]
+    tokens = regress_tokens(pipe, prompts, batch_size=batch_size, progress=progress, desc="interleaved")
+    sampling = SamplingConfig(max_new_tokens=16, allow_images=False)
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        asks = []
+        for r, t in zip(records[start : start + batch_size], tokens[start : start + batch_size], strict=True):
+            s = ChatSession()
+            s.add("user", [r["conversations"][0]["value"]])
+            s.add("assistant", [GeneratedImage(t)])
+            s.add("user", [r["conversations"][2]["value"]])
+            asks.append(pipe.prompt(s))
+        with torch.no_grad():
+            outs = pipe.engine.generate(asks, sampling)
+        answers.extend(pipe.reply_from(o).text.strip() for o in outs)
+    dialogues = [
+        {"id": r["id"], "prompt": r["conversations"][0]["value"], "question": r["conversations"][2]["value"],
+         "answer": a, "gold": r["answer"], "right": normalise(a) == normalise(r["answer"]), "tokens": t}
+        for r, a, t in zip(records, answers, tokens, strict=True)
+    ]  # fmt: skip
+    accuracy = sum(d["right"] for d in dialogues) / len(dialogues) if dialogues else 0.0
+    return {"overall": accuracy, "dialogues": len(dialogues)}, dialogues
+
+
+__all__ = [
+    "EVAL_SEED",
+    "answer_many",
+    "eval_editing",
+    "eval_generation",
+    "eval_interleaved",
+    "eval_set",
+    "eval_understanding",
+    "generate_images",
+    "read_jsonl",
+    "regress_tokens",
+    "render_tokens",
+    "session_from_turns",
+]

@@ -1,0 +1,164 @@
+"""Evaluate a ShapesWorld model directory: understanding, generation, editing, interleaved, drift.
+
+Each part writes ``OUT/<part>.json`` and is skipped when that file is already there, so an
+interrupted evaluation (inside ``orion quickstart`` or ``orion ablate``) resumes where it stopped.
+Sizes come from ``EvalSizes`` (the quickstart's presets pick them; ``limit`` caps all of them for
+smoke runs, and is recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orion_mllm.eval.drift import DriftProbe, backbone_hidden_fn, generation_records, write_drift_report
+from orion_mllm.eval.model_eval import (
+    eval_editing,
+    eval_generation,
+    eval_interleaved,
+    eval_set,
+    eval_understanding,
+    read_jsonl,
+)
+from orion_mllm.eval.shapes_gen import prompt_set
+from orion_mllm.inference.pipeline import OrionPipeline, load_model
+
+# ShapesWorld data is LLaVA-form ("<image>\n" + text), also for the plain-Qwen stage-0 base export.
+SHAPES_IMAGE_SEPARATOR = "\n"
+ALL_PARTS = ("und", "gen", "edit", "interleaved", "drift")
+EXAMPLES_RENDERED = 4
+
+
+@dataclass(frozen=True)
+class EvalSizes:
+    und: int = 200  # understanding records (multiple choice is asked once per option rotation)
+    edit: int = 200
+    interleaved: int = 50
+    gen_per_category: int = 92  # 6 categories x 92 = the fixed 552-prompt set
+    drift: int = 32  # held-out generation images probed
+
+    def limited(self, limit: int | None) -> EvalSizes:
+        if limit is None:
+            return self
+        return EvalSizes(*(min(v, limit) for v in asdict(self).values()))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # a killed evaluation never leaves a half-written result that would be skipped
+
+
+def _cached(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def evaluation_data(root: str | Path, size: int, sizes: EvalSizes, *, progress: bool = True) -> Path:
+    return eval_set(
+        root,
+        size=size,
+        n_und=sizes.und,
+        n_edit=sizes.edit,
+        n_interleaved=sizes.interleaved,
+        progress=progress,
+    )
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    data_root: str | Path,
+    sizes: EvalSizes,
+    parts: tuple[str, ...] = ALL_PARTS,
+    base_dir: str | Path | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Run ``parts`` on ``model_dir``; results in ``out/<part>.json`` (and images under ``out``).
+
+    ``drift`` needs ``base_dir`` (the model the KL term keeps this one close to)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = set(parts) - set(ALL_PARTS)
+    if unknown:
+        raise ValueError(f"unknown evaluation part(s) {sorted(unknown)}: choose from {list(ALL_PARTS)}")
+    todo = [p for p in parts if not (out / f"{p}.json").is_file()]
+    if todo:
+        pipe = OrionPipeline.load(
+            model_dir, image_separator=SHAPES_IMAGE_SEPARATOR, device="cpu", dtype="fp32"
+        )
+        size = pipe.model.config.image_spec.gen_image_size
+        root = evaluation_data(data_root, size, sizes, progress=progress)
+        for part in todo:
+            result = _run_part(part, pipe, root, out, sizes, base_dir, progress, batch_size)
+            _write_json(out / f"{part}.json", result)
+    return {p: _cached(out / f"{p}.json") for p in parts}
+
+
+def _run_part(
+    part: str, pipe: OrionPipeline, root: Path, out: Path, sizes: EvalSizes, base_dir, progress: bool,
+    batch_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    if part == "und":
+        records = read_jsonl(root / "und.jsonl")[: sizes.und]
+        return eval_understanding(pipe, records, root, batch_size=batch_size, progress=progress)
+    if part in ("gen", "edit") and pipe.decoder is None:
+        raise ValueError(f"{part} evaluation needs a decoder in the model directory's decoder/ folder")
+    if part == "gen":
+        folder = out / "gen"
+        shutil.rmtree(folder, ignore_errors=True)
+        prompts = prompt_set(per_category=sizes.gen_per_category)
+        return eval_generation(pipe, folder, prompts=prompts, batch_size=batch_size, progress=progress)
+    if part == "edit":
+        records = read_jsonl(root / "edit.jsonl")[: sizes.edit]
+        return eval_editing(
+            pipe, records, root, batch_size=batch_size, progress=progress, save_dir=out / "edit_images"
+        )
+    if part == "interleaved":
+        records = read_jsonl(root / "interleaved.jsonl")[: sizes.interleaved]
+        scores, dialogues = eval_interleaved(pipe, records, batch_size=batch_size, progress=progress)
+        if pipe.decoder is not None:  # the first few dialogues' pictures, for the report
+            shown = dialogues[:EXAMPLES_RENDERED]
+            folder = out / "interleaved_images"
+            folder.mkdir(exist_ok=True)
+            for d, image in zip(shown, pipe.render([d["tokens"] for d in shown]), strict=True):
+                image.save(folder / f"{d['id']}.png")
+                d["image"] = str(folder / f"{d['id']}.png")
+        for d in dialogues:
+            d.pop("tokens")
+        return {**scores, "examples": dialogues[:10]}
+    if part == "drift":
+        if base_dir is None:
+            raise ValueError("drift evaluation needs the base model directory")
+        return measure_drift(base_dir, pipe, root / "heldout_gen.jsonl", out / "drift", sizes.drift)
+    raise AssertionError(part)
+
+
+def measure_drift(
+    base_dir: str | Path, pipe_or_model, images: str | Path, out: str | Path, limit: int, *, k: int = 5
+) -> dict[str, Any]:
+    """KL(base || model) and top-k overlap at the visual positions of ``images`` (a JSONL of generation
+    records or a folder of images); writes ``drift.md``/``drift.png``/``drift.json`` under ``out``."""
+    model = pipe_or_model.model if isinstance(pipe_or_model, OrionPipeline) else pipe_or_model
+    base, _ = load_model(base_dir, torch.device("cpu"), torch.float32)
+    records = generation_records(images, limit)
+    probe = DriftProbe.from_records(model, records, k=k)
+    stats = probe.measure(
+        backbone_hidden_fn(base.backbone),
+        base.backbone.lm_head.weight,
+        backbone_hidden_fn(model.backbone),
+        model.backbone.lm_head.weight,
+    )
+    tokenizer = model.processor.tokenizer
+    return write_drift_report(
+        stats, out, lambda t: tokenizer.decode([t]), title=f"{Path(base_dir).name} vs model"
+    )
+
+
+__all__ = ["ALL_PARTS", "EvalSizes", "evaluate_model", "evaluation_data", "measure_drift"]

@@ -1,0 +1,236 @@
+"""``orion quickstart``: the whole ORION pipeline on ShapesWorld, in one resumable command.
+
+    orion quickstart [--preset tiny|micro] [--out runs/quickstart-tiny]
+
+Steps (each a directory under OUT): ``stage0_base`` (the small base VLM, understanding only, which
+stands in for Qwen2.5-VL's own pretraining and becomes the KL teacher), ``decoder`` (the diffusion
+decoder, trained on the base's frozen visual tokens), ORION's ``stage1_warmup``, ``stage2_pretrain``
+and ``stage3_sft`` (recipes under ``recipes/shapes/PRESET/``), ``model`` (the final model directory:
+stage 3's export with the decoder in ``model/decoder/``, ready for ``orion generate/ask/edit/chat/
+serve``), the evaluations of the base and final models (``eval/``), then ``report.md`` and
+``metrics.json``.
+
+Re-running the same command resumes: a finished step is skipped (``quickstart.json`` records what
+finished and how long it took), and an interrupted training stage continues from its newest
+checkpoint (the trainer's own resume). ``--max-steps`` caps every training stage and ``--eval-limit``
+every evaluation set, for smoke runs; both are recorded, and a run cannot be resumed with other
+values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orion_mllm.train.recipe import DecoderRecipe, load_recipe
+from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
+
+PRESETS = ("micro", "tiny")
+STATE_FILE = "quickstart.json"
+MODEL_DIR = "model"
+TRAIN_STAGES = ("stage0_base", "decoder", "stage1_warmup", "stage2_pretrain", "stage3_sft")
+
+# Evaluation set sizes per preset (micro is a smoke run: small sets, its numbers are not targets).
+EVAL_SIZES = {
+    "micro": EvalSizes(und=60, edit=40, interleaved=20, gen_per_category=12, drift=16),
+    "tiny": EvalSizes(),
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    title: str
+    expected_s: dict[str, float]  # typical seconds on a 2-core CPU, per preset (for the ETA)
+
+
+STEPS = (
+    Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 25, "tiny": 360}),
+    Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 40, "tiny": 330}),
+    Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 10, "tiny": 60}),
+    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 25, "tiny": 240}),
+    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 25, "tiny": 180}),
+    Step("model", "final model directory (LLM + head + decoder)", {"micro": 1, "tiny": 1}),
+    Step("eval_base", "evaluate the base model (understanding)", {"micro": 10, "tiny": 20}),
+    Step("eval_final", "evaluate the final model", {"micro": 40, "tiny": 120}),
+    Step("report", "report.md, metrics.json, figures", {"micro": 10, "tiny": 20}),
+)
+
+
+def recipes_root() -> Path:
+    """The repository's ``recipes/`` folder (the project is installed editable, as the README says)."""
+    root = Path(__file__).resolve().parents[3] / "recipes"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"recipes folder not found at {root}: install orion-mllm from its repository (pip install -e .)"
+        )
+    return root
+
+
+def recipe_path(preset: str, stage: str) -> Path:
+    path = recipes_root() / "shapes" / preset / f"{stage}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    return path
+
+
+def train_stage(recipe_file: Path, run_dir: Path, overrides: list[str]) -> Path:
+    """Train (or resume, or skip if finished) one stage in this process; returns its exported model."""
+    recipe = load_recipe(recipe_file, overrides)
+    if isinstance(recipe, DecoderRecipe):
+        from orion_mllm.decoder.train import DecoderTrainer
+
+        return Path(DecoderTrainer(recipe, run_dir).run())
+    from orion_mllm.train.trainer import Trainer
+
+    return Path(Trainer(recipe, run_dir, recipe_path=str(recipe_file)).run().final_model)
+
+
+class Quickstart:
+    def __init__(
+        self,
+        preset: str = "tiny",
+        out: str | Path | None = None,
+        *,
+        max_steps: int | None = None,
+        eval_limit: int | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"--max-steps {max_steps}: must be >= 1")
+        if eval_limit is not None and eval_limit < 1:
+            raise ValueError(f"--eval-limit {eval_limit}: must be >= 1")
+        self.preset = preset
+        self.out = Path(out or f"runs/quickstart-{preset}").resolve()
+        self.max_steps = max_steps
+        self.eval_limit = eval_limit
+        self.progress = progress
+        self.log = log
+        self.sizes = EVAL_SIZES[preset].limited(eval_limit)
+
+    # ------------------------------------------------------------------ state
+
+    def _settings(self) -> dict[str, Any]:
+        return {"preset": self.preset, "max_steps": self.max_steps, "eval_limit": self.eval_limit}
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            if self.out.exists() and any(self.out.iterdir()):
+                raise ValueError(
+                    f"--out {self.out} is not empty and holds no {STATE_FILE}: choose another --out"
+                )
+            return {**self._settings(), "steps": {}}
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); remove it to start over") from None
+        old = {k: state.get(k) for k in self._settings()}
+        if old != self._settings():
+            changed = ", ".join(f"{k} {old[k]} -> {v}" for k, v in self._settings().items() if old[k] != v)
+            raise ValueError(
+                f"{self.out} was started with other settings ({changed}): rerun with the same ones "
+                "or choose another --out"
+            )
+        return state
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self.out / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.out / STATE_FILE)
+
+    # ------------------------------------------------------------------ steps
+
+    def overrides(self, stage: str) -> list[str]:
+        """Data under OUT/data (each recipe's folder name kept), and the smoke-run step cap."""
+        recipe = load_recipe(recipe_path(self.preset, stage))
+        extra = []
+        if recipe.data_root is not None:
+            extra.append(f"data_root={self.out / 'data' / Path(recipe.data_root).name}")
+        if self.max_steps is not None:
+            extra.append(f"train.max_steps={self.max_steps}")
+        return extra
+
+    def run_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def _run_step(self, name: str) -> None:
+        if name in TRAIN_STAGES:
+            train_stage(recipe_path(self.preset, name), self.run_dir(name), self.overrides(name))
+        elif name == MODEL_DIR:
+            self.assemble_model()
+        elif name == "eval_base":
+            evaluate_model(
+                self.run_dir("stage0_base") / "final", self.out / "eval" / "base", data_root=self.eval_data,
+                sizes=self.sizes, parts=("und",), progress=self.progress,
+            )  # fmt: skip
+        elif name == "eval_final":
+            evaluate_model(
+                self.out / MODEL_DIR, self.out / "eval" / "final", data_root=self.eval_data, sizes=self.sizes,
+                base_dir=self.run_dir("stage0_base") / "final", progress=self.progress,
+            )  # fmt: skip
+        elif name == "report":
+            from orion_mllm.workflow.report import write_report
+
+            write_report(self)
+        else:
+            raise AssertionError(name)
+
+    @property
+    def eval_data(self) -> Path:
+        return self.out / "data" / "eval"
+
+    def assemble_model(self) -> Path:
+        """OUT/model = stage 3's export + the decoder in ``decoder/`` (copied, written atomically)."""
+        target = self.out / MODEL_DIR
+        tmp = self.out / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.run_dir("stage3_sft") / "final", tmp)
+        shutil.copytree(self.run_dir("decoder") / "final", tmp / "decoder")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+        return target
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        self._save_state(state)
+        started = time.time()
+        ran_expected = ran_actual = 0.0
+        for k, step in enumerate(STEPS, 1):
+            done = state["steps"].get(step.name)
+            if done is not None:
+                took = f"{done['seconds']:.0f} s"
+                self.log(f"[quickstart {k}/{len(STEPS)}] {step.title}: done earlier ({took}), skipped")
+                continue
+            remaining = sum(s.expected_s[self.preset] for s in STEPS[k - 1 :] if s.name not in state["steps"])
+            pace = ran_actual / ran_expected if ran_expected else 1.0
+            elapsed = time.time() - started
+            self.log(
+                f"[quickstart {k}/{len(STEPS)}] {step.title} -> {self.out / step.name}  "
+                f"(elapsed {elapsed / 60:.1f} min, about {remaining * pace / 60:.1f} min to go)"
+            )
+            t0 = time.time()
+            self._run_step(step.name)
+            seconds = time.time() - t0
+            ran_expected += step.expected_s[self.preset]
+            ran_actual += seconds
+            state["steps"][step.name] = {
+                "seconds": round(seconds, 2),
+                "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
+            self._save_state(state)
+        metrics = json.loads((self.out / "metrics.json").read_text())
+        return metrics
+
+
+__all__ = ["EVAL_SIZES", "PRESETS", "STEPS", "Quickstart", "recipe_path", "train_stage"]
