@@ -14,6 +14,7 @@
     orion eval shapes-edit --model DIR [--n 200]                  editing accuracy (held-out set)
     orion eval drift --base DIR --model DIR [--images PATH]       semantic drift table + figure
     orion quickstart [--preset tiny|micro] [--out DIR]            the whole pipeline, report + metrics.json
+    orion ablate [--preset tiny] [--seeds 3] [--configs A G ...]  Table 4 ablations, mean ± std over seeds
     orion train RECIPE.yaml [--output DIR] [--nproc N] [key=value ...]   one training stage (resumes)
     orion decode --decoder DIR --tokens T.safetensors -o out.png [--steps N --cfg S --seed S]
     orion convert nexus-gen-decoder SRC DST (--flux FLUX_DIR | --pooled FILE)
@@ -183,7 +184,7 @@ def _eval_pipeline(args: argparse.Namespace, *, need_decoder: bool = False):
 def _eval_records(args: argparse.Namespace, pipe, name: str) -> tuple[list, Path]:
     from orion_mllm.eval.model_eval import eval_set, read_jsonl
 
-    size = pipe.model.config.image_spec.gen_image_size
+    size = args.size or pipe.model.config.image_spec.gen_image_size
     root = Path(args.data or f"data/shapes-eval-{size}")
     eval_set(root, size=size, n_und=max(args.n, 200), n_edit=max(args.n, 200))
     records = read_jsonl(root / f"{name}.jsonl")[: args.n]
@@ -224,12 +225,27 @@ def _cmd_eval_drift(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, torch.device("cpu"), torch.float32)
     images = args.images
     if images is None:
-        size = model.config.image_spec.gen_image_size
-        root = eval_set(args.data or f"data/shapes-eval-{size}", size=size)
+        size = args.size or model.config.image_spec.gen_image_size
+        root = eval_set(
+            args.data or f"data/shapes-eval-{size}", size=size, n_und=0, n_edit=0, n_interleaved=0
+        )
         images = root / "heldout_gen.jsonl"
     summary = measure_drift(args.base, model, images, args.out, args.n, k=args.top_k)
     print((Path(args.out) / "drift.md").read_text())
     print(json.dumps(summary))
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from orion_mllm.workflow.ablate import Ablation
+
+    ab = Ablation(
+        args.preset, args.out, seeds=args.seeds, configs=args.configs, max_steps=args.max_steps,
+        eval_limit=args.eval_limit,
+    )  # fmt: skip
+    ab.run()
+    print((ab.out / "ablation.md").read_text())
+    print(json.dumps({"table": str(ab.out / "ablation.md"), "json": str(ab.out / "ablation.json")}))
     return 0
 
 
@@ -566,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
             "written on first use with a seed no training recipe uses)",
         )  # fmt: skip
         p.add_argument("--n", type=int, default=n, help=f"records to evaluate (default: {n})")
+        p.add_argument(
+            "--size", type=int, default=None, help="ShapesWorld image side the model was trained on "
+            "(default: the model's generation size; give it for a plain-Qwen stage-0 base)",
+        )  # fmt: skip
         p.add_argument("--device", default="auto")
         p.add_argument("--batch-size", type=int, default=32)
 
@@ -592,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="ShapesWorld eval set folder (default: data/shapes-eval-SIZE)"
     )
     p.add_argument("--n", type=int, default=32, help="images to probe (default: 32)")
+    p.add_argument("--size", type=int, default=None, help="ShapesWorld image side (default: the model's)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--out", default="runs/drift", help="folder for drift.md, drift.png, drift.json")
     p.set_defaults(func=_cmd_eval_drift)
@@ -610,6 +631,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
     p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")
     p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser(
+        "ablate",
+        help="Table 4 at ShapesWorld scale: vision heads, warm-up data, KL on/off, layer_mix; mean ± std",
+        description="Run ORION stages 1-3 per configuration and seed from one shared stage-0 base and "
+        "decoder "
+        "(OUT/base), evaluate each, and write OUT/ablation.md and OUT/ablation.json. Configurations: "
+        "A/B linear, C/D qformer (small/large warm-up, no KL), E0/E/F mlp (none/small/large, no KL), "
+        "G mlp + KL (ORION), LM layer_mix + KL. Re-running resumes.",
+    )
+    p.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default: 3)")
+    p.add_argument("--configs", nargs="+", default=None, help="subset of A B C D E0 E F G LM (default: all)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/ablate-PRESET)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
+    p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")
+    p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser(
         "train",

@@ -36,24 +36,30 @@ def eval_set(
     root: str | Path, *, size: int, n_und: int = 200, n_edit: int = 200, n_interleaved: int = 50,
     progress: bool = True,
 ) -> Path:  # fmt: skip
-    """The held-out evaluation records under ``root`` (written once; reused when ``meta.json`` agrees)."""
+    """The held-out evaluation records under ``root``, with at least the asked-for counts.
+
+    Written on first use (seed ``EVAL_SEED``). An existing set of the same seed and size with enough
+    records is reused as it is; a smaller one is rewritten larger (the same seed gives the same first
+    records, so nothing is lost); anything else in ``root`` is refused, never overwritten."""
     root = Path(root)
     meta_file = root / "meta.json"
-    want = {"seed": EVAL_SEED, "size": size, "und": n_und, "edit": n_edit, "interleaved": n_interleaved}
+    want = {"und": n_und, "edit": n_edit, "interleaved": n_interleaved}
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
+        if meta.get("seed") != EVAL_SEED or meta.get("size") != size:
+            raise ValueError(
+                f"{root} holds ShapesWorld data with seed {meta.get('seed')} and size {meta.get('size')}, "
+                f"not the evaluation set (seed {EVAL_SEED}, size {size}): choose another folder"
+            )
         counts = meta.get("counts", {})
-        have = {
-            "seed": meta.get("seed"),
-            "size": meta.get("size"),
-            "und": counts.get("und"),
-            "edit": counts.get("edit"),
-        }
-        if have == want:
+        if all(counts.get(k, 0) >= v for k, v in want.items()):
             return root
+        want = {k: max(v, counts.get(k, 0)) for k, v in want.items()}
+    elif root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} is not empty and holds no ShapesWorld meta.json: choose another folder")
     write_shapes_dataset(
-        root, size=size, n_und=n_und, n_gen=0, n_edit=n_edit, n_interleaved=n_interleaved, n_heldout=100,
-        seed=EVAL_SEED, progress=progress,
+        root, size=size, n_und=want["und"], n_gen=0, n_edit=want["edit"], n_interleaved=want["interleaved"],
+        n_heldout=100, seed=EVAL_SEED, progress=progress,
     )  # fmt: skip
     return root
 

@@ -74,6 +74,7 @@ def evaluate_model(
     out: str | Path,
     *,
     data_root: str | Path,
+    image_size: int,
     sizes: EvalSizes,
     parts: tuple[str, ...] = ALL_PARTS,
     base_dir: str | Path | None = None,
@@ -81,6 +82,8 @@ def evaluate_model(
     batch_size: int = 32,
 ) -> dict[str, Any]:
     """Run ``parts`` on ``model_dir``; results in ``out/<part>.json`` (and images under ``out``).
+
+    ``image_size``: the ShapesWorld image side the model was trained on (the recipes' ``shapes_data``).
 
     ``drift`` needs ``base_dir`` (the model the KL term keeps this one close to)."""
     out = Path(out)
@@ -93,8 +96,7 @@ def evaluate_model(
         pipe = OrionPipeline.load(
             model_dir, image_separator=SHAPES_IMAGE_SEPARATOR, device="cpu", dtype="fp32"
         )
-        size = pipe.model.config.image_spec.gen_image_size
-        root = evaluation_data(data_root, size, sizes, progress=progress)
+        root = evaluation_data(data_root, image_size, sizes, progress=progress)
         for part in todo:
             result = _run_part(part, pipe, root, out, sizes, base_dir, progress, batch_size)
             _write_json(out / f"{part}.json", result)

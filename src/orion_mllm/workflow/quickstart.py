@@ -171,12 +171,13 @@ class Quickstart:
         elif name == "eval_base":
             evaluate_model(
                 self.run_dir("stage0_base") / "final", self.out / "eval" / "base", data_root=self.eval_data,
-                sizes=self.sizes, parts=("und",), progress=self.progress,
+                image_size=self.image_size, sizes=self.sizes, parts=("und",), progress=self.progress,
             )  # fmt: skip
         elif name == "eval_final":
             evaluate_model(
-                self.out / MODEL_DIR, self.out / "eval" / "final", data_root=self.eval_data, sizes=self.sizes,
-                base_dir=self.run_dir("stage0_base") / "final", progress=self.progress,
+                self.out / MODEL_DIR, self.out / "eval" / "final", data_root=self.eval_data,
+                image_size=self.image_size, sizes=self.sizes, base_dir=self.run_dir("stage0_base") / "final",
+                progress=self.progress,
             )  # fmt: skip
         elif name == "report":
             from orion_mllm.workflow.report import write_report
@@ -188,6 +189,14 @@ class Quickstart:
     @property
     def eval_data(self) -> Path:
         return self.out / "data" / "eval"
+
+    @property
+    def image_size(self) -> int:
+        """The ShapesWorld image side of this preset's recipes (the evaluation set uses the same)."""
+        recipe = load_recipe(recipe_path(self.preset, "stage0_base"))
+        if recipe.shapes_data is None:
+            raise ValueError(f"{recipe_path(self.preset, 'stage0_base')}: no shapes_data section")
+        return recipe.shapes_data.size
 
     def assemble_model(self) -> Path:
         """OUT/model = stage 3's export + the decoder in ``decoder/`` (copied, written atomically)."""
@@ -201,22 +210,38 @@ class Quickstart:
         return target
 
     def run(self) -> dict[str, Any]:
+        """Every step (the finished ones skipped); returns ``metrics.json``'s content."""
+        self.run_until(tuple(s.name for s in STEPS))
+        metrics_file = self.out / "metrics.json"
+        metrics = json.loads(metrics_file.read_text())
+        # The report step wrote metrics.json before its own time was recorded: count it too.
+        state = self._load_state()
+        metrics["wall_minutes"] = round(sum(s["seconds"] for s in state["steps"].values()) / 60, 2)
+        metrics["step_minutes"] = {k: round(v["seconds"] / 60, 2) for k, v in state["steps"].items()}
+        tmp = metrics_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(metrics_file)
+        return metrics
+
+    def run_until(self, names: tuple[str, ...]) -> None:
+        """The named steps, in pipeline order (``orion ablate`` runs only the shared first ones)."""
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         self._save_state(state)
         started = time.time()
         ran_expected = ran_actual = 0.0
-        for k, step in enumerate(STEPS, 1):
+        steps = [s for s in STEPS if s.name in names]
+        for k, step in enumerate(steps, 1):
             done = state["steps"].get(step.name)
             if done is not None:
                 took = f"{done['seconds']:.0f} s"
-                self.log(f"[quickstart {k}/{len(STEPS)}] {step.title}: done earlier ({took}), skipped")
+                self.log(f"[quickstart {k}/{len(steps)}] {step.title}: done earlier ({took}), skipped")
                 continue
-            remaining = sum(s.expected_s[self.preset] for s in STEPS[k - 1 :] if s.name not in state["steps"])
+            remaining = sum(s.expected_s[self.preset] for s in steps[k - 1 :] if s.name not in state["steps"])
             pace = ran_actual / ran_expected if ran_expected else 1.0
             elapsed = time.time() - started
             self.log(
-                f"[quickstart {k}/{len(STEPS)}] {step.title} -> {self.out / step.name}  "
+                f"[quickstart {k}/{len(steps)}] {step.title} -> {self.out / step.name}  "
                 f"(elapsed {elapsed / 60:.1f} min, about {remaining * pace / 60:.1f} min to go)"
             )
             t0 = time.time()
@@ -229,8 +254,6 @@ class Quickstart:
                 "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             }
             self._save_state(state)
-        metrics = json.loads((self.out / "metrics.json").read_text())
-        return metrics
 
 
 __all__ = ["EVAL_SIZES", "PRESETS", "STEPS", "Quickstart", "recipe_path", "train_stage"]
