@@ -1,10 +1,10 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# The two commands of the README: `make quickstart` (the main job) and `make test` (the test suite).
 # Both create .venv and install the project on first use (scripts/install.sh picks the torch build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orion-installed
 
-.PHONY: demo test test-all lint bench install browser clean
+.PHONY: quickstart demo test test-all lint bench install browser clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -14,6 +14,9 @@ install: $(STAMP)
 
 browser:
 	bash scripts/install-browser.sh
+
+quickstart: $(STAMP)
+	$(VENV)/bin/orion quickstart --preset tiny --out runs/quickstart-tiny
 
 demo: $(STAMP)
 	$(VENV)/bin/orion demo --preset micro --out runs/demo
