@@ -168,3 +168,32 @@ def test_demo_data_covers_generation_understanding_and_editing():
         (has_image(user["content"]), has_image(reply["content"])) for user, reply in demo_conversations()
     }
     assert {(False, True), (True, False), (True, True)} <= found  # text-to-image, understanding, editing
+
+
+def test_standardize_visual_tokens_is_an_affine_rescaling_of_the_random_tower(fresh_micro, images):
+    """Mean 0 / std `scale` per dimension on the calibration images, and the same information:
+    the new tokens are the old ones mapped per dimension by an affine function."""
+    builder = fresh_micro.sequence_builder()
+    samples = []
+    for name, image in images.items():
+        enc = builder.encode(
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": name}]}]
+        )
+        samples.append((enc.pixel_values, enc.image_grid_thw))
+    before = torch.cat([fresh_micro.encode_images(px, g) for px, g in samples])
+    fresh_micro.standardize_visual_tokens(samples, scale=0.5)
+    after = torch.cat([fresh_micro.encode_images(px, g) for px, g in samples])
+    assert after.mean(0).abs().max() < 1e-4
+    assert torch.allclose(after.std(0), torch.full_like(after.std(0), 0.5), atol=1e-3)
+    k = after.std(0) / before.std(0)  # the per-dimension affine map, checked on every token
+    assert torch.allclose(after, (before - before.mean(0)) * k, atol=2e-3)
+    assert before.std(0).mean() < 0.05  # the random tower's spread really was tiny
+
+
+def test_standardize_tokens_only_in_stage_base_from_a_preset():
+    from orion_mllm.train.recipe import RecipeError, load_recipe
+    from train_utils import RECIPES
+
+    load_recipe(RECIPES / "stage0_base.yaml", ["model.standardize_tokens_images=8"])
+    with pytest.raises(RecipeError, match="stage base from a preset only"):
+        load_recipe(RECIPES / "stage2_pretrain.yaml", ["model.standardize_tokens_images=8"])

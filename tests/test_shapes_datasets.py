@@ -179,3 +179,31 @@ def test_questions_are_unambiguous(dataset):
 def test_negative_counts_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="n_edit=-1"):
         write_shapes_dataset(tmp_path, n_edit=-1, progress=False)
+
+
+def test_canonical_generation_targets_are_a_function_of_the_caption(dataset, tmp_path):
+    """Default layout: one picture per caption (MSE regression learns a mean, so it must be unique),
+    every target satisfies its caption, and the random layout stays available for decoder data."""
+    from orion_mllm.data.shapes.datasets import DEFAULT_COLOUR
+
+    records = [json.loads(line) for line in (dataset / "gen.jsonl").read_text().splitlines()]
+    assert json.loads((dataset / "meta.json").read_text())["gen_layout"] == "canonical"
+    by_caption: dict[str, bytes] = {}
+    for r in records:
+        spec = Spec.from_dict(r["spec"])
+        image = load_image(dataset / r["image"])
+        assert judge(spec, image), r["caption"]
+        pixels = image.tobytes()
+        assert by_caption.setdefault(r["caption"], pixels) == pixels, r["caption"]
+        for o in r["scene"]["objects"]:  # a colour the caption does not name is the shape's default
+            if o["colour"] not in r["caption"]:
+                assert o["colour"] == DEFAULT_COLOUR[o["shape"]]
+    assert len(by_caption) < len(records)  # captions repeat, with the same picture each time
+    assert not set(DEFAULT_COLOUR.items()) & {(s, c) for c, s in HELD_OUT_PAIRS}
+
+    write_shapes_dataset(tmp_path, size=64, seed=3, progress=False, gen_layout="random", **SMALL)
+    free = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    positions = {(o["x"], o["y"]) for r in free for o in r["scene"]["objects"]}
+    assert len(positions) > 50  # free layouts: positions vary
+    with pytest.raises(ValueError, match="gen_layout"):
+        write_shapes_dataset(tmp_path / "x", gen_layout="tidy", **SMALL)

@@ -57,9 +57,10 @@ def test_score_folder_errors_name_the_problem(tmp_path):
         score_folder(tmp_path / "o", progress=False)
 
 
-def test_without_oracle_the_cli_says_what_is_missing(tmp_path, capsys):
+def test_without_oracle_or_model_the_cli_says_what_is_missing(tmp_path, capsys):
     assert main(["eval", "shapes-gen", "--out", str(Path(tmp_path))]) == 2
-    assert "use --oracle" in capsys.readouterr().err
+    assert "either --model DIR" in capsys.readouterr().err
+    assert main(["eval", "shapes-gen", "--oracle", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
 
 
 def test_geneval_two_object_tag_and_bad_metadata():

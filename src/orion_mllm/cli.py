@@ -135,6 +135,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
         n_interleaved=args.n_interleaved,
         n_heldout=args.n_heldout,
         seed=args.seed,
+        gen_layout=args.gen_layout,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     print(json.dumps(meta["counts"]))
@@ -552,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-heldout", type=int, default=100, help="held-out composition prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gen-layout", default="canonical", choices=["canonical", "random"],
+        help="text-to-image targets: the caption's canonical picture (default) or free layouts",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_data_shapes)
 
     evals = sub.add_parser("eval", help="benchmarks on ShapesWorld")

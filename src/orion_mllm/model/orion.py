@@ -341,6 +341,26 @@ class OrionModel(nn.Module):
             return visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         return encode_images(self.backbone, pixel_values, image_grid_thw)
 
+    @torch.no_grad()
+    def standardize_visual_tokens(
+        self, samples: list[tuple[torch.Tensor, torch.Tensor]], scale: float
+    ) -> None:
+        """Data-dependent initialisation of a *random* vision tower (small presets' stage 0 only).
+
+        A randomly initialised tower + merger outputs nearly the same vector for every patch: on
+        ShapesWorld the per-dimension spread of its tokens is about 2% of their norm. The LLM then
+        has to find the picture in a tiny perturbation, and a vision head regressing those tokens
+        gets a loss dominated by their constant part. Rescaling the merger's last linear layer per
+        output dimension (an affine map, so no information is lost) gives tokens of mean 0 and
+        standard deviation ``scale`` over ``samples`` (pixel_values, image_grid_thw pairs).
+        """
+        tokens = torch.cat([self.encode_images(px, grid) for px, grid in samples]).float()
+        mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-6)
+        last = self.backbone.model.visual.merger.mlp[-1]
+        factor = (scale / std).to(last.weight.dtype)
+        last.weight.mul_(factor.unsqueeze(1))
+        last.bias.sub_(mean.to(last.bias.dtype)).mul_(factor)
+
     def batch_visual_tokens(self, batch: Batch) -> torch.Tensor | None:
         if batch.visual_tokens is not None:
             return batch.visual_tokens

@@ -36,6 +36,10 @@ class ModelSection(_Strict):
     mlp_ratio: int = Field(8, ge=1)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Stage base from a preset only: standardise the random tower's tokens on this many images of
+    # the recipe's data before training (OrionModel.standardize_visual_tokens); 0 = off.
+    standardize_tokens_images: int = Field(0, ge=0)
+    standardize_tokens_scale: float = Field(0.1, gt=0)
 
 
 class Trainable(_Strict):
@@ -127,6 +131,9 @@ class ShapesDataSection(_Strict):
     n_interleaved: int = Field(100, ge=0)
     n_heldout: int = Field(100, ge=0)
     seed: int = 0
+    gen_layout: Literal["canonical", "random"] = Field(
+        "canonical", description="text-to-image targets: the caption's canonical picture, or free layouts"
+    )
 
 
 class CheckpointSection(_Strict):
@@ -183,6 +190,12 @@ class Recipe(_Strict):
             raise ValueError("stage warmup trains the head only with MSE only (trainable.llm=false, ce=kl=0)")
         if self.stage in ("pretrain", "sft") and not (t.llm and t.head):
             raise ValueError(f"stage {self.stage} trains LLM + head (trainable.llm and trainable.head true)")
+        if self.model.standardize_tokens_images and (
+            self.stage != "base" or not self.model.init.startswith("preset:")
+        ):
+            raise ValueError(
+                "model.standardize_tokens_images re-initialises a random tower: stage base from a preset only"
+            )
         if self.stage == "base" and (t.head or loss.mse or loss.kl):
             raise ValueError("stage base is understanding-only: no head, mse=kl=0")
         if loss.ce + loss.mse + loss.kl == 0:

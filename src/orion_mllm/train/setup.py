@@ -170,6 +170,30 @@ def build_model(recipe: Recipe, init: str) -> OrionModel:
     return model
 
 
+def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
+    """``model.standardize_tokens_images`` > 0: the data-dependent tower initialisation of stage 0,
+    on the first images of the recipe's first data entry (deterministic, so a resume redoes it
+    identically before loading the checkpoint)."""
+    from orion_mllm.data.sources import open_dataset
+
+    want = recipe.model.standardize_tokens_images
+    if not want:
+        return
+    builder = model.sequence_builder()
+    source = open_dataset(recipe.data[0], recipe.data_root, seed=recipe.train.seed)
+    samples = []
+    for i in range(len(source)):
+        if len(samples) >= want:
+            break
+        record = source.get(i).record
+        enc = builder.encode(record, record_id=str(i))
+        if enc.pixel_values is not None:
+            samples.append((enc.pixel_values, enc.image_grid_thw))
+    if not samples:
+        raise SetupError(f"model.standardize_tokens_images: no images in data entry {recipe.data[0].name!r}")
+    model.standardize_visual_tokens(samples, recipe.model.standardize_tokens_scale)
+
+
 def load_teacher(teacher: str, *, seed: int, attn_implementation: str, dtype: torch.dtype) -> KLTeacher:
     """The frozen base model for the KL term, without its vision tower (the student's provides tokens)."""
     if teacher.startswith("preset:"):
@@ -219,6 +243,7 @@ def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
         n_interleaved=s.n_interleaved,
         n_heldout=s.n_heldout,
         seed=s.seed,
+        gen_layout=s.gen_layout,
         progress=progress,
     )
     if root.exists():

@@ -70,6 +70,7 @@ from orion_mllm.train.setup import (
     read_run_info,
     resolve_init,
     resolve_teacher,
+    standardize_tower,
     write_run_info,
 )
 
@@ -240,6 +241,7 @@ class Trainer:
                 last,
             )
         model = build_model(r, info["init"])
+        standardize_tower(model, r)
         apply_trainable(model, r)
         model.train()
         builder = model.sequence_builder()

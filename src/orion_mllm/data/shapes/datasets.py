@@ -10,7 +10,13 @@ Files written under ``out``:
 - ``und.jsonl``: captions, MMBench-style multiple choice (A-D), short answers about colour, shape,
   count, existence and relative position, and multi-turn dialogues about one image;
 - ``gen.jsonl``: captions in GenEval's six categories wrapped in the prompt templates
-  (``orion_mllm.data.templates``);
+  (``orion_mllm.data.templates``). With ``gen_layout="canonical"`` (the default) the caption fixes the
+  picture: what it leaves open gets a fixed value (each shape's default colour, a size by object
+  count, positions on fixed slots that satisfy the relation). ORION regresses visual tokens with an
+  MSE loss, which learns the mean of all pictures a caption allows; over random layouts that mean is
+  a blur no decoder can render, so text-to-image targets must be a function of the text (diversity
+  comes from elaborated prompts, paper appendix A.1). ``gen_layout="random"`` samples free layouts
+  (the decoder's training images);
 - ``edit.jsonl``: recolour / add / remove / move / swap, source image in the user turn, target in
   the assistant turn;
 - ``interleaved.jsonl``: evaluation dialogues that generate an image, then ask about it;
@@ -356,10 +362,12 @@ def _jsonl(path: Path, records: Iterator[dict[str, Any]]) -> int:
 
 
 def _generation_record(
-    rng: random.Random, w: _Writer, split: str, i: int, spec: Spec, scene: Scene
+    rng: random.Random, w: _Writer, split: str, i: int, spec: Spec, scene: Scene, *, fill_colours: bool = True
 ) -> dict[str, Any]:
-    """A text-to-image record: templated prompt in the user turn, the rendered scene as the target."""
-    caption = caption_for(spec, scene)
+    """A text-to-image record: templated prompt in the user turn, the rendered scene as the target.
+    ``fill_colours``: name colours the scene makes unambiguous (random layouts); canonical layouts keep
+    the caption as the spec says it (an unnamed colour is the shape's default)."""
+    caption = caption_for(spec, scene) if fill_colours else spec.prompt().removeprefix("a photo of ")
     return {
         "id": f"{split}-{i:06d}",
         "task": "generation",
@@ -373,6 +381,67 @@ def _generation_record(
             {"from": "gpt", "value": "<image>"},
         ],
     }
+
+
+# Canonical text-to-image layouts (see the module docstring). Default colours avoid the held-out pairs.
+DEFAULT_COLOUR = {"circle": "red", "square": "blue", "triangle": "green", "star": "yellow", "cross": "black",
+                  "diamond": "orange"}  # fmt: skip
+_SLOTS = {
+    1: [(0.5, 0.5)],
+    2: [(0.28, 0.5), (0.72, 0.5)],
+    3: [(0.25, 0.3), (0.75, 0.3), (0.5, 0.72)],
+    4: [(0.28, 0.28), (0.72, 0.28), (0.28, 0.72), (0.72, 0.72)],
+}
+_RELATION_SLOTS = {  # (first object, second object) for "first <relation> second"
+    "left of": [(0.28, 0.5), (0.72, 0.5)],
+    "right of": [(0.72, 0.5), (0.28, 0.5)],
+    "above": [(0.5, 0.28), (0.5, 0.72)],
+    "below": [(0.5, 0.72), (0.5, 0.28)],
+}
+
+
+def canonical_scene(spec: Spec) -> Scene:
+    """The one picture a generation caption stands for: unspecified colours are each shape's default,
+    one object is medium and centred, several are small on fixed slots in caption order."""
+    objects = [(o.shape, o.colour or DEFAULT_COLOUR[o.shape]) for o in spec.objects for _ in range(o.count)]
+    if spec.relation is not None:
+        a, _, b = spec.relation
+        slots = _RELATION_SLOTS[spec.relation[1]]
+        order = [a, b]
+        placed = [None, None]
+        for k, idx in enumerate(order):
+            placed[idx] = slots[k]
+        slots = placed
+    elif len(objects) in _SLOTS:
+        slots = _SLOTS[len(objects)]
+    else:
+        raise ValueError(f"no canonical layout for {len(objects)} objects (spec {spec.to_dict()})")
+    size = "medium" if len(objects) == 1 else "small"
+    scene = Scene(
+        [
+            ShapeObject(shape, colour, size, x, y)
+            for (shape, colour), (x, y) in zip(objects, slots, strict=True)
+        ]
+    )
+    for k, obj in enumerate(scene.objects):
+        if not fits_in_scene(obj, scene.objects[:k]):
+            raise AssertionError(f"canonical layout does not fit: {scene.to_dict()}")
+    return scene
+
+
+def _canonical_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
+    """A training caption's spec (no counting distractors: the caption would not mention them) and
+    its canonical scene."""
+
+    def draw() -> tuple[Spec, Scene]:
+        spec, _ = sample_spec_and_scene(rng, category)
+        return spec, canonical_scene(spec)
+
+    return _resample(
+        rng, draw,
+        lambda pair: is_training_scene(pair[1]) and all(o.count < HELD_OUT_COUNT for o in pair[0].objects),
+        f"canonical {category} scene",
+    )  # fmt: skip
 
 
 def _gen_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
@@ -394,9 +463,12 @@ def write_shapes_dataset(
     n_interleaved: int = 100,
     n_heldout: int = 100,
     seed: int = 0,
+    gen_layout: str = "canonical",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``."""
+    if gen_layout not in ("canonical", "random"):
+        raise ValueError(f"gen_layout={gen_layout!r}: choose 'canonical' or 'random'")
     if not 32 <= size <= 512:
         raise ValueError(f"size={size}: ShapesWorld renders 32 to 512 px")
     for name, n in (("n_und", n_und), ("n_gen", n_gen), ("n_edit", n_edit), ("n_interleaved", n_interleaved),
@@ -421,8 +493,11 @@ def write_shapes_dataset(
         rng = random.Random(f"{seed}/gen")
         for i in range(n_gen):
             category = CATEGORIES[i % len(CATEGORIES)]
-            spec, scene = _gen_spec_and_scene(rng, category)
-            yield _generation_record(rng, w, "gen", i, spec, scene)
+            if gen_layout == "canonical":
+                spec, scene = _canonical_spec_and_scene(rng, category)
+            else:
+                spec, scene = _gen_spec_and_scene(rng, category)
+            yield _generation_record(rng, w, "gen", i, spec, scene, fill_colours=gen_layout == "random")
             bar.update()
 
     def edit() -> Iterator[dict[str, Any]]:
@@ -512,6 +587,7 @@ def write_shapes_dataset(
         "world": "ShapesWorld",
         "seed": seed,
         "size": size,
+        "gen_layout": gen_layout,
         "counts": counts,
         "files": {name: f"{name}.jsonl" for name in counts},
         "shapes": list(SHAPES),
