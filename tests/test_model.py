@@ -197,3 +197,26 @@ def test_standardize_tokens_only_in_stage_base_from_a_preset():
     load_recipe(RECIPES / "stage0_base.yaml", ["model.standardize_tokens_images=8"])
     with pytest.raises(RecipeError, match="stage base from a preset only"):
         load_recipe(RECIPES / "stage2_pretrain.yaml", ["model.standardize_tokens_images=8"])
+
+
+def test_visual_input_noise_perturbs_generated_inputs_only_never_targets(fresh_micro):
+    """The noisy pass equals a pass whose generated-image input tokens carry that exact noise, with
+    the clean tokens as MSE targets; user (understanding) images are left alone."""
+    from orion_mllm.model.orion import backbone_hidden_states
+
+    model = fresh_micro.eval()
+    batch = make_batches(model, demo_conversations(3), batch_size=6)[0]
+    tokens = batch.visual_tokens
+    gen_rows = batch.visual_target_index.unique()
+    assert 0 < len(gen_rows) < tokens.shape[0]  # the batch mixes generated and user images
+    torch.manual_seed(7)
+    out = model(batch, LossWeights(1.0, 1.0, 0.0), visual_input_noise=0.3)
+    torch.manual_seed(7)
+    noise = torch.zeros_like(tokens)
+    noise[gen_rows] = torch.randn(len(gen_rows), tokens.shape[1]) * 0.3
+    hidden, _ = backbone_hidden_states(model.backbone, batch, tokens + noise)
+    rows, cols = batch.visual_positions.T
+    mse = ((model.vision_head(hidden[rows, cols]) - tokens[batch.visual_target_index]) ** 2).mean()
+    assert out.terms.mse.item() == pytest.approx(mse.item(), rel=1e-5)
+    clean = model(batch, LossWeights(1.0, 1.0, 0.0))
+    assert out.terms.mse.item() != pytest.approx(clean.terms.mse.item(), rel=1e-3)

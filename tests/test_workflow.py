@@ -199,3 +199,20 @@ def test_eval_commands_score_a_model_and_batching_does_not_change_answers(quicks
     queries = [(data / r["image"], r["conversations"][:1]) for r in records]
     one = answer_many(pipe, queries, batch_size=1, progress=False)
     assert answer_many(pipe, queries, batch_size=4, progress=False) == one
+
+
+def test_ablate_can_share_a_finished_quickstart_base(quickstart, tmp_path):
+    stamp = (quickstart / "stage0_base" / "run.json").stat().st_mtime_ns
+    out = tmp_path / "ab"
+    assert main(["ablate", "--preset", "micro", "--seeds", "1", "--configs", "E", "--out", str(out),
+                 "--base", str(quickstart), "--max-steps", "4", "--eval-limit", "4"]) == 0  # fmt: skip
+    assert (quickstart / "stage0_base" / "run.json").stat().st_mtime_ns == stamp and not (
+        out / "base"
+    ).exists()
+    # "small" warm-up: a quarter of stage 1's (capped) steps; the other stages run the cap.
+    assert len(read_metrics(out / "E" / "seed0" / "stage1_warmup")) == 1
+    assert len(read_metrics(out / "E" / "seed0" / "stage2_pretrain")) == 4
+    run = json.loads((out / "E" / "seed0" / "stage2_pretrain" / "run.json").read_text())
+    assert run["teacher"] == str((quickstart / "stage0_base" / "final").resolve())
+    with pytest.raises(FileNotFoundError, match="not a quickstart run"):
+        main(["--debug", "ablate", "--preset", "micro", "--out", str(out), "--base", str(tmp_path)])

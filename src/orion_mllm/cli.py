@@ -242,7 +242,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     ab = Ablation(
         args.preset, args.out, seeds=args.seeds, configs=args.configs, max_steps=args.max_steps,
-        eval_limit=args.eval_limit,
+        eval_limit=args.eval_limit, base=args.base,
     )  # fmt: skip
     ab.run()
     print((ab.out / "ablation.md").read_text())
@@ -649,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default: 3)")
     p.add_argument("--configs", nargs="+", default=None, help="subset of A B C D E0 E F G LM (default: all)")
+    p.add_argument(
+        "--base", default=None, help="a finished `orion quickstart` folder whose stage-0 base and decoder "
+        "all configurations share (default: train them in OUT/base)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="run folder (default: runs/ablate-PRESET)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
     p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")

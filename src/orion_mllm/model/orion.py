@@ -387,13 +387,27 @@ class OrionModel(nn.Module):
         teacher: KLTeacher | Qwen2_5_VLForConditionalGeneration | None = None,
         *,
         chunk_size: int = 1024,
+        visual_input_noise: float = 0.0,
     ) -> OrionOutput:
-        """One teacher-forced pass: the weighted loss and each term (terms weighted 0 are skipped)."""
+        """One teacher-forced pass: the weighted loss and each term (terms weighted 0 are skipped).
+
+        ``visual_input_noise``: std of Gaussian noise added to the *input* copies of generated images'
+        tokens (never to targets, never to user images). Teacher forcing feeds the true previous
+        tokens, inference feeds the model's own imperfect predictions; training on perturbed inputs
+        keeps free-running generation from drifting away (exposure bias). Student and KL teacher
+        read the same perturbed sequence."""
         if weights.kl > 0 and teacher is None:
             raise ValueError(
                 "KL weight > 0 needs a teacher: build one with make_teacher(model) before training"
             )
         visual_tokens = self.batch_visual_tokens(batch)
+        targets_clean = visual_tokens
+        if visual_input_noise > 0 and visual_tokens is not None and batch.visual_target_index.numel():
+            rows = batch.visual_target_index.unique()
+            noise = torch.zeros_like(visual_tokens)
+            noise[rows] = torch.randn(len(rows), visual_tokens.shape[1], dtype=visual_tokens.dtype,
+                                      device=visual_tokens.device) * visual_input_noise  # fmt: skip
+            visual_tokens = visual_tokens + noise
         head_needs_layers = self.vision_head.needs_all_layers
         # Stage 1 trains the head only: then the LLM pass needs no graph at all.
         llm_trainable = any(p.requires_grad for p in self.backbone.model.language_model.parameters()) or any(
@@ -410,8 +424,8 @@ class OrionModel(nn.Module):
         if weights.mse > 0:
             head_input = torch.stack([h[rows, cols] for h in layers]) if head_needs_layers else visual_hidden
             targets = (
-                visual_tokens[batch.visual_target_index]
-                if visual_tokens is not None
+                targets_clean[batch.visual_target_index]
+                if targets_clean is not None
                 else hidden.new_zeros(0, self.hidden_size)  # text-only batch: an empty, zero MSE
             )
             terms.mse = mse_loss(self.vision_head(head_input), targets.to(hidden.dtype))

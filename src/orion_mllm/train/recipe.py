@@ -93,6 +93,9 @@ class TrainSection(StepsSection):
     packing: bool = Field(True, description="pack samples into rows of pack_tokens (else pad micro-batches)")
     pack_tokens: int = Field(4096, gt=0, description="token budget of one packed micro-batch row")
     activation_checkpointing: bool = False
+    visual_input_noise: float = Field(
+        0.0, ge=0, description="std of Gaussian noise added to generated images' teacher-forced input tokens"
+    )
 
 
 class ResolutionSection(_Strict):

@@ -465,7 +465,7 @@ class Trainer:
             if d.distributed:
                 model.set_requires_gradient_sync(i == n_micro - 1)
             with autocast():
-                out = model(batch, w, teacher)
+                out = model(batch, w, teacher, visual_input_noise=self.recipe.train.visual_input_noise)
             shares = (
                 text_targets(batch) / n_text if n_text else 0.0,
                 visual_targets(batch) / n_vis if n_vis else 0.0,

@@ -3,7 +3,8 @@
     orion ablate --preset tiny --seeds 3 [--configs A B ...] --out runs/ablate-tiny
 
 Every configuration starts from the same stage-0 base model and decoder (trained once, in
-``OUT/base`` by the quickstart's first steps) and runs ORION stages 1-3 with one change each:
+``OUT/base`` by the quickstart's first steps, or taken from a finished ``orion quickstart`` run with
+``--base DIR``) and runs ORION stages 1-3 with one change each:
 
 ====  ============  ====  ==================  =========================================
 name  vision head   KL    stage-1 warm-up     paper
@@ -86,6 +87,7 @@ class Ablation:
         configs: Sequence[str] | None = None,
         max_steps: int | None = None,
         eval_limit: int | None = None,
+        base: str | Path | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
     ) -> None:
@@ -102,14 +104,34 @@ class Ablation:
         self.max_steps = max_steps
         self.progress = progress
         self.log = log
-        # The shared base model + decoder: the quickstart's first steps, in OUT/base.
-        self.base = Quickstart(
-            preset, self.out / "base", max_steps=max_steps, eval_limit=eval_limit, progress=progress, log=log
-        )
+        # The shared base model + decoder: the quickstart's first steps, in OUT/base, or those of a
+        # finished quickstart run (``base``), with the settings it was made with.
+        if base is None:
+            self.base = Quickstart(
+                preset,
+                self.out / "base",
+                max_steps=max_steps,
+                eval_limit=eval_limit,
+                progress=progress,
+                log=log,
+            )
+        else:
+            state_file = Path(base) / "quickstart.json"
+            if not state_file.is_file():
+                raise FileNotFoundError(f"--base {base}: not a quickstart run folder (no quickstart.json)")
+            state = json.loads(state_file.read_text())
+            if state.get("preset") != preset:
+                raise ValueError(f"--base {base} is a {state.get('preset')!r} run, not {preset!r}")
+            self.base = Quickstart(
+                preset, base, max_steps=state.get("max_steps"), eval_limit=state.get("eval_limit"),
+                progress=progress, log=log,
+            )  # fmt: skip
         self.sizes: EvalSizes = EVAL_SIZES[preset].limited(eval_limit)
 
     def stage_overrides(self, cfg: AblationConfig, seed: int, stage: str, run: Path) -> list[str]:
         extra = [*self.base.overrides(stage), f"model.head={cfg.head}", f"train.seed={seed}"]
+        if self.max_steps is not None:  # after the base's own overrides: the last value wins
+            extra.append(f"train.max_steps={self.max_steps}")
         base_model = self.base.run_dir("stage0_base") / "final"
         if stage == "stage1_warmup":  # the shared base lives in OUT/base, not next to this run
             extra.append(f"model.init={base_model}")

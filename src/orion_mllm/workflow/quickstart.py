@@ -47,19 +47,19 @@ EVAL_SIZES = {
 class Step:
     name: str
     title: str
-    expected_s: dict[str, float]  # typical seconds on a 2-core CPU, per preset (for the ETA)
+    expected_s: dict[str, float]  # measured seconds on our 2-core CPU, per preset (for the ETA)
 
 
 STEPS = (
-    Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 25, "tiny": 360}),
-    Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 40, "tiny": 330}),
-    Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 10, "tiny": 60}),
-    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 25, "tiny": 240}),
-    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 25, "tiny": 180}),
+    Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 25, "tiny": 305}),
+    Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 40, "tiny": 256}),
+    Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 10, "tiny": 64}),
+    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 25, "tiny": 197}),
+    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 25, "tiny": 219}),
     Step("model", "final model directory (LLM + head + decoder)", {"micro": 1, "tiny": 1}),
-    Step("eval_base", "evaluate the base model (understanding)", {"micro": 10, "tiny": 20}),
-    Step("eval_final", "evaluate the final model", {"micro": 40, "tiny": 120}),
-    Step("report", "report.md, metrics.json, figures", {"micro": 10, "tiny": 20}),
+    Step("eval_base", "evaluate the base model (understanding)", {"micro": 10, "tiny": 6}),
+    Step("eval_final", "evaluate the final model", {"micro": 40, "tiny": 45}),
+    Step("report", "report.md, metrics.json, figures", {"micro": 10, "tiny": 3}),
 )
 
 
