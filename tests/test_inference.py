@@ -290,3 +290,26 @@ def test_bad_inputs_give_one_line_errors(model_dir, tmp_path, capsys, argv, mess
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(Exception, match=re.escape(message)):
         main(["--debug", *argv])
+
+
+def test_reply_from_ignores_a_vision_end_sampled_as_text(micro):
+    """A weak model may *sample* <|vision_end|> as text (understanding masks only <|vision_start|>):
+    that is a stray special token, not the end of an image (it crashed the evaluation once)."""
+    from orion_mllm.inference.engine import Generated
+    from orion_mllm.inference.pipeline import OrionPipeline
+
+    pipe = OrionPipeline(micro)
+    eng = pipe.engine
+    hello = eng.tokenizer.encode("hi")
+    stray = Generated(token_ids=[*hello, eng.vision_end_id, *hello, next(iter(eng.stop_ids))])
+    reply = pipe.reply_from(stray)
+    assert reply.images == [] and reply.text == "hihi"
+    tokens = torch.randn(eng.image_tokens, micro.hidden_size)
+    real = Generated(
+        token_ids=[*hello, eng.vision_end_id, eng.vision_start_id, *[eng.image_pad_id] * eng.image_tokens,
+                   eng.vision_end_id, *hello],
+        images=[tokens],
+    )  # fmt: skip
+    reply = pipe.reply_from(real)
+    assert len(reply.images) == 1 and reply.images[0].tokens is tokens
+    assert [type(p).__name__ for p in reply.parts] == ["str", "GeneratedImage", "str"]

@@ -172,10 +172,16 @@ class OrionPipeline:
                     texts.append(text)
                 run.clear()
 
+        previous = None
         for t in out.token_ids:
+            prev, previous = previous, t
             if t == self.engine.vision_start_id or t == self.engine.image_pad_id or t in self.engine.stop_ids:
                 continue
             if t == self.engine.vision_end_id:
+                # An image ends where the engine fed <|vision_end|> after its visual tokens (pads); the
+                # same token *sampled* as text by a weak model is a stray special token: dropped.
+                if prev != self.engine.image_pad_id:
+                    continue
                 flush()
                 img = GeneratedImage(out.images[image_index])
                 image_index += 1
