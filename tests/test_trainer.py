@@ -133,6 +133,9 @@ def test_two_process_fsdp_matches_one_process(tmp_path, shapes_root, base_dir):
     overrides = [
         f"data_root={shapes_root}", "train.global_batch_size=8", "train.micro_batch_size=4",
         f"model.init={base_dir}", f"teacher={base_dir}", "max_steps=3", "checkpoint.every=2",
+        # Input noise is drawn per process: with it, 2 processes train the same distribution, not the
+        # same numbers (README). The equality checked here is the FSDP arithmetic.
+        "train.visual_input_noise=0",
     ]  # fmt: skip
     one = Trainer(_pretrain(shapes_root, base_dir, *overrides[4:]), tmp_path / "one", tensorboard=False).run()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -306,6 +309,8 @@ def test_micro_stages_0_to_3_end_to_end(tmp_path, shapes_root):
             f"max_steps={steps}",
             "train.global_batch_size=16",
             "train.epochs=100",
+            # Over 20-25 steps the noisy-input MSE is too noisy to show a trend; the chain is the point.
+            *(["train.visual_input_noise=0"] if stem != "stage0_base" else []),
         )
         results[stem] = Trainer(recipe, runs / stem, tensorboard=False).run()
 

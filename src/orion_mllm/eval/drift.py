@@ -122,7 +122,10 @@ class DriftProbe:
         encoded = []
         with torch.no_grad():
             for i, record in enumerate(records):
-                enc = builder.encode(record, record_id=str(record.get("id", i)))
+                try:
+                    enc = builder.encode(record, record_id=str(record.get("id", i)))
+                except (ValueError, OSError):  # an unreadable image or bad record: probe the others
+                    continue
                 if enc.visual_positions.numel() == 0:  # no generated image: nothing to probe
                     continue
                 encoded.append(attach_visual_tokens(enc, model.encode_images))

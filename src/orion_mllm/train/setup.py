@@ -185,8 +185,10 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
     for i in range(len(source)):
         if len(samples) >= want:
             break
-        record = source.get(i).record
-        enc = builder.encode(record, record_id=str(i))
+        try:
+            enc = builder.encode(source.get(i).record, record_id=str(i))
+        except (ValueError, OSError):  # an unreadable record or image: training skips it too
+            continue
         if enc.pixel_values is not None:
             samples.append((enc.pixel_values, enc.image_grid_thw))
     if not samples:
