@@ -622,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/drift", help="folder for drift.md, drift.png, drift.json")
     p.set_defaults(func=_cmd_eval_drift)
 
+    def workflow_options(p: argparse.ArgumentParser, name: str) -> None:
+        p.add_argument("--out", default=None, help=f"run folder (default: runs/{name}-PRESET)")
+        p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
+        p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")
+
     p = sub.add_parser(
         "quickstart",
         help="the whole pipeline on ShapesWorld: base VLM, decoder, ORION stages 1-3, eval, report",
@@ -632,17 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset", default="tiny", choices=["micro", "tiny"], help="tiny (default, ~20 min) or micro"
     )
-    p.add_argument("--out", default=None, help="run folder (default: runs/quickstart-PRESET)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
-    p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")
+    workflow_options(p, "quickstart")
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser(
         "ablate",
         help="Table 4 at ShapesWorld scale: vision heads, warm-up data, KL on/off, layer_mix; mean ± std",
         description="Run ORION stages 1-3 per configuration and seed from one shared stage-0 base and "
-        "decoder "
-        "(OUT/base), evaluate each, and write OUT/ablation.md and OUT/ablation.json. Configurations: "
+        "decoder (OUT/base), evaluate each, and write OUT/ablation.md and OUT/ablation.json. Configurations: "
         "A/B linear, C/D qformer (small/large warm-up, no KL), E0/E/F mlp (none/small/large, no KL), "
         "G mlp + KL (ORION), LM layer_mix + KL. Re-running resumes.",
     )
@@ -653,9 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", default=None, help="a finished `orion quickstart` folder whose stage-0 base and decoder "
         "all configurations share (default: train them in OUT/base)",
     )  # fmt: skip
-    p.add_argument("--out", default=None, help="run folder (default: runs/ablate-PRESET)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap every training stage (smoke runs)")
-    p.add_argument("--eval-limit", type=int, default=None, help="cap every evaluation set (smoke runs)")
+    workflow_options(p, "ablate")
     p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser(
