@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,13 @@ from typing import Any
 
 from orion_mllm.train.recipe import load_recipe
 from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
-from orion_mllm.workflow.quickstart import EVAL_SIZES, Quickstart, recipe_path, train_stage
+from orion_mllm.workflow.quickstart import (
+    EVAL_SIZES,
+    Quickstart,
+    assemble_model_dir,
+    recipe_path,
+    train_stage,
+)
 
 WARMUP_FRACTION = {"none": 0.0, "small": 0.25, "large": 1.0}
 
@@ -164,12 +169,7 @@ class Ablation:
             train_stage(recipe_path(self.preset, stage), run / stage, overrides)
         model = run / "model"
         if not (model / "decoder").is_dir():
-            tmp = run / ".model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(run / "stage3_sft" / "final", tmp)
-            shutil.copytree(self.base.run_dir("decoder") / "final", tmp / "decoder")
-            shutil.rmtree(model, ignore_errors=True)
-            tmp.replace(model)
+            assemble_model_dir(run / "stage3_sft" / "final", self.base.run_dir("decoder") / "final", model)
         return evaluate_model(
             model, run / "eval", data_root=self.base.eval_data, image_size=self.base.image_size,
             sizes=self.sizes, parts=("und", "gen", "edit", "drift"),

@@ -92,6 +92,18 @@ def train_stage(recipe_file: Path, run_dir: Path, overrides: list[str]) -> Path:
     return Path(Trainer(recipe, run_dir, recipe_path=str(recipe_file)).run().final_model)
 
 
+def assemble_model_dir(model: Path, decoder: Path, target: Path) -> Path:
+    """``target`` = a copy of ``model`` with ``decoder`` in its ``decoder/`` folder, written to a
+    temporary folder and renamed, so an interrupted copy never looks like a finished model."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp)
+    shutil.copytree(decoder, tmp / "decoder")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    return target
+
+
 class Quickstart:
     def __init__(
         self,
@@ -199,15 +211,10 @@ class Quickstart:
         return recipe.shapes_data.size
 
     def assemble_model(self) -> Path:
-        """OUT/model = stage 3's export + the decoder in ``decoder/`` (copied, written atomically)."""
-        target = self.out / MODEL_DIR
-        tmp = self.out / f".{MODEL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.run_dir("stage3_sft") / "final", tmp)
-        shutil.copytree(self.run_dir("decoder") / "final", tmp / "decoder")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.replace(target)
-        return target
+        """OUT/model = stage 3's export + the decoder in ``decoder/``."""
+        return assemble_model_dir(
+            self.run_dir("stage3_sft") / "final", self.run_dir("decoder") / "final", self.out / MODEL_DIR
+        )
 
     def run(self) -> dict[str, Any]:
         """Every step (the finished ones skipped); returns ``metrics.json``'s content."""
@@ -256,4 +263,4 @@ class Quickstart:
             self._save_state(state)
 
 
-__all__ = ["EVAL_SIZES", "PRESETS", "STEPS", "Quickstart", "recipe_path", "train_stage"]
+__all__ = ["EVAL_SIZES", "PRESETS", "STEPS", "Quickstart", "assemble_model_dir", "recipe_path", "train_stage"]
