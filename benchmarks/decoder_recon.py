@@ -2,7 +2,8 @@
 
     python benchmarks/decoder_recon.py [--preset tiny] [--max-steps 1500] [--out runs/bench-decoder]
 
-1. ShapesWorld data for the preset (generated into ``--data`` if missing) and the decoder recipe
+1. The decoder recipe's ShapesWorld data (generated into its ``data_root``, or ``--data``, if missing;
+   a folder written with other settings is refused) and the decoder recipe
    ``recipes/shapes/<preset>/decoder.yaml``, trained by the same ``DecoderTrainer`` as ``orion train``
    with the encoder given by ``--encoder`` (default ``preset:<preset>``: the random-init base tower;
    the quickstart uses its trained stage-0 base instead).
@@ -37,6 +38,7 @@ from orion_mllm.decoder.train import DecoderTrainer, TokenEncoder  # noqa: E402
 from orion_mllm.eval.shapes_und_edit import scene_matches  # noqa: E402
 from orion_mllm.images import resize_for_generation  # noqa: E402
 from orion_mllm.train.recipe import load_recipe  # noqa: E402
+from orion_mllm.train.setup import ensure_shapes_data  # noqa: E402
 
 
 def main() -> int:
@@ -44,7 +46,7 @@ def main() -> int:
     ap.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
     ap.add_argument("--max-steps", type=int, default=None, help="override the recipe's step cap")
     ap.add_argument("--encoder", default=None, help="default preset:<preset>")
-    ap.add_argument("--data", default=None, help="ShapesWorld folder (default data/shapes-<preset>)")
+    ap.add_argument("--data", default=None, help="ShapesWorld folder (default: the recipe's data_root)")
     ap.add_argument("--out", default=None, help="run directory (default runs/bench-decoder-<preset>)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the decoder's)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the decoder's)")
@@ -54,14 +56,19 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = args.data or f"data/shapes-{args.preset}"
     out = Path(args.out or f"runs/bench-decoder-{args.preset}")
-    overrides = [f"data_root={data}", f"encoder={args.encoder or 'preset:' + args.preset}"]
+    # The decoder recipe's own image set (data/shapes-<preset>-decoder) unless --data names another;
+    # the trainer refuses a folder written with other settings than the recipe's shapes_data.
+    overrides = [f"encoder={args.encoder or 'preset:' + args.preset}"]
+    if args.data:
+        overrides.append(f"data_root={args.data}")
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
     overrides += args.overrides
     recipe = load_recipe(REPO / f"recipes/shapes/{args.preset}/decoder.yaml", overrides)
+    data = recipe.data_root
     if args.eval_only:
+        ensure_shapes_data(recipe, progress=False)  # the held-out images of the recipe's settings
         final, train_minutes = Path(args.eval_only), None
         info = (
             json.loads((final.parent / "run.json").read_text())

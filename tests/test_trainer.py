@@ -101,7 +101,7 @@ _ck.write_marker = _die
     # Re-running the same command (through the CLI) resumes from step 2, never from the partial one.
     cli = subprocess.run(
         [sys.executable, "-m", "orion_mllm.cli", "train", str(RECIPES / "stage2_pretrain.yaml"),
-         "--output", str(run), f"data_root={shapes_root}", "train.global_batch_size=8",
+         "--output", str(run), f"data_root={shapes_root}", "shapes_data=", "train.global_batch_size=8",
          "train.micro_batch_size=4", f"model.init={base_dir}", f"teacher={base_dir}", "max_steps=4",
          "checkpoint.every=2", "train.log_every=1"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
@@ -136,6 +136,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path, shapes_root, base_dir):
         # Input noise is drawn per process: with it, 2 processes train the same distribution, not the
         # same numbers (README). The equality checked here is the FSDP arithmetic.
         "train.visual_input_noise=0",
+        "shapes_data=",  # the test's own smaller folder, not the recipe's data
     ]  # fmt: skip
     one = Trainer(_pretrain(shapes_root, base_dir, *overrides[4:]), tmp_path / "one", tensorboard=False).run()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,9 +15,12 @@ RECIPES = REPO / "recipes" / "shapes" / "micro"
 
 
 def micro_recipe(stage_file: str, data_root: str | Path, *overrides: str) -> Recipe:
-    """A shipped micro recipe, shrunk for tests: batch 8, micro-batch 4, tensorboard-free."""
+    """A shipped micro recipe, shrunk for tests: batch 8, micro-batch 4, tensorboard-free. The tests
+    bring their own (smaller) ShapesWorld folder, so the recipe's ``shapes_data`` is dropped: with it
+    the run would refuse a folder written with other settings."""
     base = [
         f"data_root={data_root}",
+        "shapes_data=",
         "train.global_batch_size=8",
         "train.micro_batch_size=4",
         "train.log_every=1",

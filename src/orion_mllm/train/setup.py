@@ -7,7 +7,11 @@
   previous stage's output. Stage 1 records its init as the teacher in ``run.json``; later stages
   inherit it from the run that produced their init, unless the recipe names one (``teacher=PATH``).
 - The model's image resolutions come from the recipe's ``resolution`` section.
-- Small-scale recipes generate their ShapesWorld data into ``data_root`` when it is missing.
+- Small-scale recipes generate their ShapesWorld data into ``data_root`` when it is missing. A folder
+  that is there is used only if its ``meta.json`` records the recipe's ``shapes_data`` settings;
+  otherwise the run is refused with a one-line error (never regenerated over, never trained on
+  quietly): set ``data_root=NEWDIR`` to generate the recipe's data there, delete the folder, or set
+  ``shapes_data=null`` to train on the folder as it is.
 """
 
 from __future__ import annotations
@@ -217,12 +221,40 @@ def apply_trainable(model: OrionModel, recipe: Recipe) -> None:
     model.vision_head.requires_grad_(t.head)
 
 
+def check_shapes_settings(root: Path, want: dict[str, Any]) -> None:
+    """Refuse a ShapesWorld folder not written with the settings ``want`` (a recipe's ``shapes_data``)."""
+    from orion_mllm.data.shapes.datasets import recorded_settings
+
+    fix = (
+        f"set data_root=NEWDIR to generate the recipe's data there, delete {root}, "
+        "or set shapes_data=null to train on it as it is"
+    )
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except json.JSONDecodeError as err:
+        raise SetupError(f"data_root={root}: meta.json is not valid JSON ({err}); {fix}") from None
+    have = recorded_settings(meta)
+    if have is None:
+        raise SetupError(
+            f"data_root={root} holds ShapesWorld data without recorded generator settings (an older "
+            f"version wrote it), not the recipe's shapes_data {want}: {fix}"
+        )
+    diff = [f"{k} {have.get(k)!r} vs recipe {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise SetupError(
+            f"data_root={root} holds ShapesWorld data written with other settings ({', '.join(diff)}): {fix}"
+        )
+
+
 def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
-    """Write the recipe's ShapesWorld data to ``data_root`` if it is not there yet (rank 0 only)."""
+    """Write the recipe's ShapesWorld data to ``data_root`` if it is not there yet (rank 0 only).
+
+    An existing folder must have been written with the recipe's ``shapes_data``: else ``SetupError``."""
     if recipe.shapes_data is None or recipe.data_root is None:
         return None
     root = Path(recipe.data_root)
     if (root / "meta.json").is_file():
+        check_shapes_settings(root, recipe.shapes_data.model_dump())
         return root
     if root.exists() and any(root.iterdir()):
         raise SetupError(

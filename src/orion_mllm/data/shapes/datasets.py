@@ -22,7 +22,9 @@ Files written under ``out``:
 - ``interleaved.jsonl``: evaluation dialogues that generate an image, then ask about it;
 - ``heldout_gen.jsonl``: prompts using the held-out colour-shape pairs and count, which never
   occur in the training files (compositional generalisation);
-- ``meta.json``: seed, size, counts, vocabulary, held-out lists.
+- ``meta.json``: seed, size, counts, vocabulary, held-out lists, and ``settings``: the arguments it
+  was written with (a recipe's ``shapes_data``; ``recorded_settings`` reads them back, so a run can
+  tell whether a folder holds the data it asks for).
 
 Deterministic: the same arguments give byte-identical files.
 """
@@ -453,6 +455,30 @@ def _gen_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]
     )
 
 
+SETTINGS = ("size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout")
+# meta.json's ``counts`` key for each count setting (folders written before ``settings`` was recorded)
+_COUNT_KEYS = {"n_und": "und", "n_gen": "gen", "n_edit": "edit", "n_interleaved": "interleaved",
+               "n_heldout": "heldout_gen"}  # fmt: skip
+
+
+def recorded_settings(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``write_shapes_dataset`` arguments a folder's ``meta.json`` was written with, or None.
+
+    Folders written before ``settings`` was recorded are read from ``seed``, ``size``, ``gen_layout``
+    and ``counts`` (the generator writes exactly the asked-for counts); a folder without
+    ``gen_layout`` predates canonical layouts and matches no current setting: None."""
+    if isinstance(meta.get("settings"), dict):
+        return dict(meta["settings"])
+    counts = meta.get("counts")
+    if not isinstance(counts, dict) or any(k not in meta for k in ("seed", "size", "gen_layout")):
+        return None
+    if any(c not in counts for c in _COUNT_KEYS.values()):
+        return None
+    derived = {k: meta[k] for k in ("size", "seed", "gen_layout")}
+    derived.update({k: counts[c] for k, c in _COUNT_KEYS.items()})
+    return {k: derived[k] for k in SETTINGS}
+
+
 def write_shapes_dataset(
     out: str | Path,
     *,
@@ -583,8 +609,13 @@ def write_shapes_dataset(
         "heldout_gen": _jsonl(out / "heldout_gen.jsonl", heldout()),
     }
     bar.close()
+    settings = {
+        "size": size, "n_und": n_und, "n_gen": n_gen, "n_edit": n_edit, "n_interleaved": n_interleaved,
+        "n_heldout": n_heldout, "seed": seed, "gen_layout": gen_layout,
+    }  # fmt: skip
     meta = {
         "world": "ShapesWorld",
+        "settings": settings,
         "seed": seed,
         "size": size,
         "gen_layout": gen_layout,
