@@ -86,6 +86,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "exactly one of --preset" in capsys.readouterr().err
 
 
+def test_cli_failed_torchrun_launch_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """``orion train --nproc N`` hands the launch to ``train/launch.py``; a failed rank is reported by
+    the one error policy (one line, exit 2), like any other error."""
+    import orion_mllm.train.launch as launch
+    from train_utils import RECIPES
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch, "launch_local", lambda *a, **kw: calls.append((a, kw)) or 3)
+    recipe = str(RECIPES / "stage0_base.yaml")
+    assert main(["train", recipe, "--nproc", "2", "--output", str(tmp_path / "r"), "max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "orion train: error: a training process failed (exit 3); see rank 0's message above"
+    (_, recipe_file, output, overrides), kw = calls[0]
+    assert (recipe_file, output, overrides, kw) == (recipe, str(tmp_path / "r"), ["max_steps=1"], {
+        "nproc": 2, "debug": False})  # fmt: skip
+
+
 def test_real_scale_image_grids():
     """252 px generation targets -> 18x18 patches -> 81 tokens; inputs keep aspect, long side <= 1008."""
     from PIL import Image
