@@ -21,9 +21,12 @@ quickstart: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/orion demo --preset micro --out runs/demo
 
+# `make test` is what CI runs (.ci/run): every CPU test, however long. `make test-all` adds the tests
+# marked `gpu` (they skip without CUDA); that is the only difference. There is no `slow` marker: a
+# test marked slow would silently drop out of CI, so a long test is made shorter instead.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not gpu"
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q
