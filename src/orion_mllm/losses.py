@@ -25,18 +25,21 @@ Public API
 * :func:`mse_loss` - mean squared error in fp32.
 * :func:`naive_kl_reference` - full-logit reference (tests, benchmarks).
 * :class:`ChunkedLinearKL`, :class:`ChunkedLinearCrossEntropy` - the autograd Functions.
-* :class:`LossWeights`, :class:`LossTerms` - CE:MSE:KL weighting and the weighted total.
-* :func:`frozen_copy` - builds the frozen KL teacher from the student.
+* :class:`LossWeights` - the CE:MSE:KL weights (a recipe's ``loss`` section), validated once.
+* :class:`LossTerms` - the unweighted terms of one forward (``OrionModel.forward``).
+* :func:`step_loss`, :func:`step_metrics` - the objective: terms, weights and the micro-batch's
+  share of the step's targets (:class:`TargetShares`) -> the scalar to backpropagate and the
+  numbers to log. The trainer, ``benchmarks/train_step.py`` and the demo all go through it.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib
 import importlib.util
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -49,12 +52,15 @@ __all__ = [
     "ChunkedLinearKL",
     "LossTerms",
     "LossWeights",
+    "StepLoss",
+    "TargetShares",
     "cross_entropy_loss",
-    "frozen_copy",
     "kl_divergence_loss",
     "liger_available",
     "mse_loss",
     "naive_kl_reference",
+    "step_loss",
+    "step_metrics",
 ]
 
 KLBackend = Literal["auto", "chunked", "naive", "liger"]
@@ -688,29 +694,11 @@ class LossWeights:
 
 @dataclass
 class LossTerms:
-    """The loss terms of one step; a term that was not computed is ``None``."""
+    """The unweighted loss terms of one forward; a term that was not computed is ``None``."""
 
     ce: Tensor | None = None
     mse: Tensor | None = None
     kl: Tensor | None = None
-
-    def total(self, weights: LossWeights) -> Tensor:
-        """Weighted sum of the terms. Weight-0 terms are skipped (even if computed, even if NaN);
-        a term with a positive weight that is ``None`` is an error naming the term."""
-        total: Tensor | None = None
-        for name in _TERMS:
-            weight = getattr(weights, name)
-            if weight == 0:
-                continue
-            term = getattr(self, name)
-            if term is None:
-                raise ValueError(f"loss term {name!r} has weight {weight:g} but was not computed (None)")
-            if term.dim() != 0:
-                raise ValueError(f"loss term {name!r} must be a scalar, got shape {tuple(term.shape)}")
-            part = term if weight == 1.0 else term * weight
-            total = part if total is None else total + part
-        assert total is not None  # LossWeights guarantees one positive weight
-        return total
 
     def as_floats(self) -> dict[str, float]:
         """The computed terms as Python floats, for logging (``None`` terms are left out)."""
@@ -722,19 +710,89 @@ class LossTerms:
 
 
 # --------------------------------------------------------------------------------------------------
-# teacher
+# the objective
 # --------------------------------------------------------------------------------------------------
 
 
-def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """An independent, frozen deep copy of ``module``: the KL teacher.
+@dataclass(frozen=True)
+class TargetShares:
+    """What one micro-batch's terms count for in its optimizer step.
 
-    Every parameter and buffer is copied into new storage, so training (or otherwise modifying) the
-    student afterwards never changes the teacher, and vice versa. All parameters have
-    ``requires_grad=False`` and the copy is in eval mode (no dropout). It costs a full second copy
-    of the weights; the original module is left untouched (still trainable, same mode).
+    Each term is a mean over this micro-batch's targets; the step's loss is the mean over *all* the
+    step's targets (every micro-batch, every rank), so a term is scaled by the micro-batch's share of
+    them: ``text`` for CE, ``visual`` for MSE and KL. The defaults describe a step of one batch.
     """
-    teacher = copy.deepcopy(module)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher
+
+    text: float = 1.0  # this micro-batch's text targets / the step's
+    visual: float = 1.0  # this micro-batch's visual targets / the step's
+    world_size: int = 1  # FSDP averages gradients over ranks: the loss is scaled back up by this
+    dummy: bool = False  # a repeated micro-batch that only keeps FSDP ranks in step: counts 0
+
+    @classmethod
+    def of(
+        cls,
+        text: int,
+        visual: int,
+        step_text: float,
+        step_visual: float,
+        *,
+        world_size: int = 1,
+        dummy: bool = False,
+    ) -> TargetShares:
+        """Shares from target counts (a kind of target the step has none of gets share 0)."""
+        text_share = text / step_text if step_text else 0.0
+        visual_share = visual / step_visual if step_visual else 0.0
+        return cls(text_share, visual_share, world_size, dummy)
+
+
+@dataclass
+class StepLoss:
+    """One micro-batch's part of the objective."""
+
+    loss: Tensor  # backpropagate this
+    # Each term's mean times its share (0.0 where not computed, dummy or no share): summed over the
+    # step's micro-batches and ranks, these are the step's term means that ``step_metrics`` logs.
+    parts: tuple[float, float, float]
+
+
+def step_loss(terms: LossTerms, weights: LossWeights, shares: TargetShares | None = None) -> StepLoss:
+    """The objective of one micro-batch: ``sum_k weight_k * share_k * term_k`` and the logged parts.
+
+    Terms weighted 0 are skipped (even if computed, even if NaN); a term with a positive weight that
+    is ``None`` is an error naming the term. Every other term joins the graph, even with a zero
+    factor (a dummy micro-batch, or no targets of that kind here): under FSDP every rank must
+    produce gradients for the same parameters, or the gradient reduce-scatters would not match.
+    """
+    shares = shares or TargetShares()
+    loss: Tensor | None = None
+    parts = [0.0, 0.0, 0.0]
+    for k, (name, share) in enumerate((("ce", shares.text), ("mse", shares.visual), ("kl", shares.visual))):
+        weight = getattr(weights, name)
+        if weight == 0:
+            continue
+        term = getattr(terms, name)
+        if term is None:
+            raise ValueError(f"loss term {name!r} has weight {weight:g} but was not computed (None)")
+        if term.dim() != 0:
+            raise ValueError(f"loss term {name!r} must be a scalar, got shape {tuple(term.shape)}")
+        if not shares.dummy and share:
+            parts[k] = float(term.detach()) * share
+        part = term * (weight * share * shares.world_size if not shares.dummy else 0.0)
+        loss = part if loss is None else loss + part
+    assert loss is not None  # LossWeights guarantees one positive weight
+    return StepLoss(loss, (parts[0], parts[1], parts[2]))
+
+
+def step_metrics(parts: Sequence[float], weights: LossWeights) -> dict[str, float | None]:
+    """The step's logged losses from its summed :attr:`StepLoss.parts` (over micro-batches and ranks):
+    ``loss`` (the weighted total; NaN if any term is) and each term (``None`` when weighted 0)."""
+    ce, mse, kl = parts
+    total = weights.ce * ce + weights.mse * mse + weights.kl * kl
+    if any(math.isnan(float(t)) for t in parts):
+        total = float("nan")
+    return {
+        "loss": total,
+        "ce": ce if weights.ce > 0 else None,
+        "mse": mse if weights.mse > 0 else None,
+        "kl": kl if weights.kl > 0 else None,
+    }

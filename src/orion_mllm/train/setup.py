@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from orion_mllm.images import ImageSpec
-from orion_mllm.model.backbone import load_backbone
-from orion_mllm.model.orion import ORION_CONFIG_NAME, KLTeacher, OrionModel
+from orion_mllm.model.orion import ORION_CONFIG_NAME, OrionModel
 from orion_mllm.train.recipe import Recipe
 
 STAGE_ORDER = ("base", "warmup", "pretrain", "sft")
@@ -194,17 +193,6 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
     if not samples:
         raise SetupError(f"model.standardize_tokens_images: no images in data entry {recipe.data[0].name!r}")
     model.standardize_visual_tokens(samples, recipe.model.standardize_tokens_scale)
-
-
-def load_teacher(teacher: str, *, seed: int, attn_implementation: str, dtype: torch.dtype) -> KLTeacher:
-    """The frozen base model for the KL term, without its vision tower (the student's provides tokens)."""
-    if teacher.startswith("preset:"):
-        backbone = OrionModel.from_preset(teacher.removeprefix("preset:"), seed=seed).backbone
-    else:
-        backbone, _ = load_backbone(teacher, attn_implementation=attn_implementation, dtype=torch.float32)
-    backbone.model.visual = None
-    backbone.eval()
-    return KLTeacher(backbone.to(dtype))
 
 
 def apply_trainable(model: OrionModel, recipe: Recipe) -> None:
