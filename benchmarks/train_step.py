@@ -71,17 +71,14 @@ if str(SRC) not in sys.path:
 import torch  # noqa: E402
 
 from orion_mllm.config import get_preset  # noqa: E402
+from orion_mllm.data.packing import collate_packed, pack_first_fit_decreasing  # noqa: E402
+from orion_mllm.data.records import encode_record  # noqa: E402
 from orion_mllm.data.shapes.datasets import write_shapes_dataset  # noqa: E402
-from orion_mllm.losses import LossWeights, liger_available  # noqa: E402
+from orion_mllm.kernels.liger import liger_available  # noqa: E402
+from orion_mllm.losses import LossWeights  # noqa: E402
 from orion_mllm.model.orion import OrionModel  # noqa: E402
 from orion_mllm.model.teacher import KLTeacher, make_teacher  # noqa: E402
-from orion_mllm.sequence import (  # noqa: E402
-    Batch,
-    EncodedConversation,
-    collate,
-    collate_packed,
-    pack_first_fit_decreasing,
-)
+from orion_mllm.sequence import Batch, EncodedConversation, collate  # noqa: E402
 from orion_mllm.train.batches import text_targets, visual_targets  # noqa: E402
 from orion_mllm.train.distributed import DistState  # noqa: E402
 from orion_mllm.train.step import train_step as trainer_step  # noqa: E402
@@ -450,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             args.preset, seed=args.seed, attn_implementation=args.attn, dtype=master_dtype
         )
         builder = model.sequence_builder()
-        items = [builder.encode(rec, record_id=rid) for rid, rec in records]
+        items = [encode_record(builder, rec, record_id=rid) for rid, rec in records]
     # The base model, frozen, built before any step (the trainer loads the same thing from disk).
     teacher = make_teacher(model).to(teacher_dtype)
     model.requires_grad_(False)

@@ -16,17 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orion_mllm.kernels.chunked import ChunkedLinearKL
+from orion_mllm.kernels.liger import _liger_probe_inputs, liger_available
+from orion_mllm.kernels.reference import naive_kl_reference
 from orion_mllm.losses import (
-    ChunkedLinearKL,
     LossTerms,
     LossWeights,
     TargetShares,
-    _liger_probe_inputs,
     cross_entropy_loss,
     kl_divergence_loss,
-    liger_available,
     mse_loss,
-    naive_kl_reference,
     step_loss,
     step_metrics,
 )
@@ -101,7 +100,7 @@ def test_chunked_kl_gradients_fp32_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_kl_low_precision_inputs(dtype, monkeypatch):
     # A vocab tile smaller than V exercises the tiled fp32 upcast of low-precision weights.
-    monkeypatch.setattr("orion_mllm.losses._VOCAB_TILE", 40)
+    monkeypatch.setattr("orion_mllm.kernels.chunked._VOCAB_TILE", 40)
     sh, sw, th, tw = make_kl_inputs(dtype=dtype)
     ref = naive_kl_reference(sh, sw, th, tw)  # the same low-precision values, upcast to fp64
     ref_gh, ref_gw = grads_of(ref, sh, sw)

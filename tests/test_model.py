@@ -7,8 +7,10 @@ import time
 import pytest
 import torch
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.demo import demo_conversations, draw_shape, evaluate, make_batches, train_steps
-from orion_mllm.losses import LossWeights, naive_kl_reference, step_loss
+from orion_mllm.kernels.reference import naive_kl_reference
+from orion_mllm.losses import LossWeights, step_loss
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.model.teacher import KLTeacher, frozen_copy, make_teacher
 from orion_mllm.sequence import IGNORE_INDEX
@@ -193,8 +195,14 @@ def test_standardize_visual_tokens_is_an_affine_rescaling_of_the_random_tower(fr
     builder = fresh_micro.sequence_builder()
     samples = []
     for name, image in images.items():
-        enc = builder.encode(
-            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": name}]}]
+        enc = encode_record(
+            builder,
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": name}],
+                }
+            ],
         )
         samples.append((enc.pixel_values, enc.image_grid_thw))
     before = torch.cat([fresh_micro.encode_images(px, g) for px, g in samples])

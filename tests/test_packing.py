@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orion_mllm.data.packing import collate_packed, pack_first_fit_decreasing
+from orion_mllm.data.records import encode_record
 from orion_mllm.demo import draw_shape
 from orion_mllm.losses import LossWeights, cross_entropy_loss, kl_divergence_loss, mse_loss, step_loss
 from orion_mllm.model.orion import OrionModel, backbone_hidden_states
@@ -21,8 +23,6 @@ from orion_mllm.sequence import (
     EncodedConversation,
     attach_visual_tokens,
     collate,
-    collate_packed,
-    pack_first_fit_decreasing,
 )
 
 # ----------------------------------------------------------------------------- first-fit decreasing
@@ -94,7 +94,7 @@ def _conversations() -> list[list[dict]]:
 def encoded(micro_model) -> list[EncodedConversation]:
     builder = micro_model.sequence_builder()
     return [
-        attach_visual_tokens(builder.encode(conv, record_id=f"pack-{i}"), micro_model.encode_images)
+        attach_visual_tokens(encode_record(builder, conv, record_id=f"pack-{i}"), micro_model.encode_images)
         for i, conv in enumerate(_conversations())
     ]
 
@@ -317,7 +317,7 @@ def test_ffd_padding_share_on_shapesworld(micro_model, tmp_path):
     for name in ("und", "gen", "edit"):
         for line in (tmp_path / f"{name}.jsonl").read_text().splitlines():
             record = _absolute_images(json.loads(line), tmp_path)
-            encoded.append(builder.encode(record, record_id=record["id"]))
+            encoded.append(encode_record(builder, record, record_id=record["id"]))
     assert len(encoded) == 200
     lengths = [len(x) for x in encoded]
     budget = 8 * int(statistics.median(lengths))

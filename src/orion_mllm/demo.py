@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.losses import LossWeights, step_loss, step_metrics
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.model.teacher import KLTeacher, make_teacher
@@ -91,7 +92,7 @@ def make_batches(model: OrionModel, conversations: list, batch_size: int) -> lis
     """Encode, attach the frozen tower's visual tokens once, and collate into fixed batches."""
     builder = model.sequence_builder()
     encoded = [
-        attach_visual_tokens(builder.encode(conv, record_id=f"demo-{i}"), model.encode_images)
+        attach_visual_tokens(encode_record(builder, conv, record_id=f"demo-{i}"), model.encode_images)
         for i, conv in enumerate(conversations)
     ]
     pad = model.processor.tokenizer.pad_token_id

@@ -173,6 +173,7 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
     """``model.standardize_tokens_images`` > 0: the data-dependent tower initialisation of stage 0,
     on the first images of the recipe's first data entry (deterministic, so a resume redoes it
     identically before loading the checkpoint)."""
+    from orion_mllm.data.records import encode_record
     from orion_mllm.data.sources import open_dataset
 
     want = recipe.model.standardize_tokens_images
@@ -185,7 +186,7 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
         if len(samples) >= want:
             break
         try:
-            enc = builder.encode(source.get(i).record, record_id=str(i))
+            enc = encode_record(builder, source.get(i).record, record_id=str(i))
         except (ValueError, OSError):  # an unreadable record or image: training skips it too
             continue
         if enc.pixel_values is not None:
