@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     liger = False
     if cuda:
         sys.path.insert(0, str(SRC))
-        from orion_mllm.losses import liger_available
+        from orion_mllm.kernels.liger import liger_available
 
         liger = liger_available()
 

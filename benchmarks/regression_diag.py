@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.data.sources import ConversationSource
 from orion_mllm.inference.pipeline import OrionPipeline
 from orion_mllm.model.orion import backbone_hidden_states
@@ -25,7 +26,7 @@ root = run / "data" / "shapes-tiny"
 src = ConversationSource("g", "generation", root / "gen.jsonl", root)
 recs = [src.get(i).record for i in range(8)]
 b = m.sequence_builder()
-encs = [attach_visual_tokens(b.encode(r), m.encode_images) for r in recs]
+encs = [attach_visual_tokens(encode_record(b, r), m.encode_images) for r in recs]
 true = [e.visual_tokens for e in encs]
 batch = collate(encs, m.processor.tokenizer.pad_token_id)
 with torch.no_grad():

@@ -1,11 +1,12 @@
 """Benchmark one full ORION optimizer step, packed vs unpacked: tokens/s, padding share, memory, MFU.
 
-One step is what ``orion_mllm.train.trainer.Trainer._train_step`` does in stage 2 (LLM + vision head
+One step is the trainer's own step function, ``orion_mllm.train.step.train_step`` (what
+``Trainer._train_step`` runs once it has read the step's data), in stage 2 (LLM + vision head
 trainable, vision tower frozen, CE:MSE:KL = 1:1:0.01): for every micro-batch, the frozen vision tower
 encodes the images, the student runs forward (CE at text targets, MSE + KL at visual positions
-against a frozen teacher, a ``KLTeacher`` around ``make_teacher(model)``), each term is normalised by
-the step's *global* number of targets, backward; then the gradient norm is clipped to 1.0 and AdamW
-(0.9, 0.95, eps 1e-15, weight decay 0.1 on matrices) steps. Data loading is not timed (the trainer
+against a frozen ``KLTeacher``, ``make_teacher(model)``), ``losses.step_loss`` weighs each term by the
+micro-batch's share of the step's targets, backward; then the gradient norm is clipped to 1.0 and
+AdamW (0.9, 0.95, eps 1e-15, weight decay 0.1 on matrices) steps. Data loading is not timed (the trainer
 encodes the next step in a background thread): a fixed mixture of ShapesWorld understanding,
 generation and editing records (one global batch) is encoded once and batched two ways:
 
@@ -70,17 +71,17 @@ if str(SRC) not in sys.path:
 import torch  # noqa: E402
 
 from orion_mllm.config import get_preset  # noqa: E402
+from orion_mllm.data.packing import collate_packed, pack_first_fit_decreasing  # noqa: E402
+from orion_mllm.data.records import encode_record  # noqa: E402
 from orion_mllm.data.shapes.datasets import write_shapes_dataset  # noqa: E402
-from orion_mllm.losses import LossWeights, liger_available  # noqa: E402
-from orion_mllm.model.orion import KLTeacher, OrionModel, make_teacher  # noqa: E402
-from orion_mllm.sequence import (  # noqa: E402
-    Batch,
-    EncodedConversation,
-    collate,
-    collate_packed,
-    pack_first_fit_decreasing,
-)
+from orion_mllm.kernels.liger import liger_available  # noqa: E402
+from orion_mllm.losses import LossWeights  # noqa: E402
+from orion_mllm.model.orion import OrionModel  # noqa: E402
+from orion_mllm.model.teacher import KLTeacher, make_teacher  # noqa: E402
+from orion_mllm.sequence import Batch, EncodedConversation, collate  # noqa: E402
 from orion_mllm.train.batches import text_targets, visual_targets  # noqa: E402
+from orion_mllm.train.distributed import DistState  # noqa: E402
+from orion_mllm.train.step import train_step as trainer_step  # noqa: E402
 from orion_mllm.train.trainer import param_groups  # noqa: E402
 
 MIB = 1024**2
@@ -210,42 +211,20 @@ def train_step(
     device: torch.device,
     autocast,
 ) -> dict[str, float]:
-    w = STAGE2_WEIGHTS
-    n_text = sum(text_targets(b) for b in micro_batches)
-    n_vis = sum(visual_targets(b) for b in micro_batches)
-    optimizer.zero_grad(set_to_none=True)
-    sums = torch.zeros(3, dtype=torch.float32, device=device)
-    for cpu_batch in micro_batches:
-        batch = cpu_batch.to(device)
-        with autocast():
-            out = model(batch, w, teacher)
-        shares = (
-            text_targets(cpu_batch) / n_text if n_text else 0.0,
-            visual_targets(cpu_batch) / n_vis if n_vis else 0.0,
-        )
-        loss = None
-        for k, (name, weight, share) in enumerate(
-            (("ce", w.ce, shares[0]), ("mse", w.mse, shares[1]), ("kl", w.kl, shares[1]))
-        ):
-            term = getattr(out.terms, name)
-            if weight == 0 or term is None or share == 0:
-                continue
-            sums[k] += term.detach().float() * share
-            part = term * (weight * share)
-            loss = part if loss is None else loss + part
-        if loss is None:
-            loss = out.loss * 0.0
-        loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
-    optimizer.step()
-    ce, mse, kl = sums.tolist()  # one sync per step
-    return {
-        "ce": ce,
-        "mse": mse,
-        "kl": kl,
-        "loss": w.ce * ce + w.mse * mse + w.kl * kl,
-        "grad_norm": float(grad_norm),
-    }
+    """The trainer's step (``orion_mllm.train.step.train_step``) on one process, always applied."""
+    return trainer_step(
+        model,
+        teacher,
+        micro_batches,
+        optimizer,
+        trainable,
+        STAGE2_WEIGHTS,
+        dist=DistState(rank=0, local_rank=0, world_size=1, device=device),
+        step_text=sum(text_targets(b) for b in micro_batches),
+        step_visual=sum(visual_targets(b) for b in micro_batches),
+        autocast=autocast,
+        grad_clip=1.0,
+    )
 
 
 def run_mode(
@@ -468,9 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             args.preset, seed=args.seed, attn_implementation=args.attn, dtype=master_dtype
         )
         builder = model.sequence_builder()
-        items = [builder.encode(rec, record_id=rid) for rid, rec in records]
+        items = [encode_record(builder, rec, record_id=rid) for rid, rec in records]
     # The base model, frozen, built before any step (the trainer loads the same thing from disk).
-    teacher = KLTeacher(make_teacher(model)).to(teacher_dtype)
+    teacher = make_teacher(model).to(teacher_dtype)
     model.requires_grad_(False)
     model.backbone.model.language_model.requires_grad_(True)
     model.backbone.lm_head.requires_grad_(True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from orion_mllm.data.records import parse_conversation
 from orion_mllm.data.sources import (
     CaptionSource,
     DataError,
@@ -19,7 +20,7 @@ from orion_mllm.data.sources import (
     expand_braces,
     open_dataset,
 )
-from orion_mllm.sequence import ImagePart, TextPart, parse_conversation
+from orion_mllm.sequence import ImagePart, TextPart
 from orion_mllm.train.recipe import DatasetEntry
 
 

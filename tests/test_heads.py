@@ -15,13 +15,16 @@ from orion_mllm.model.heads import (
     QFormerHead,
     VisionHead,
     build_vision_head,
-    count_parameters,
     mlp_head_param_count,
     qformer_shape,
 )
 
 D = 32
 NUM_STATES = 5  # 4 decoder layers + embedding output
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def make_head(name: str, d: int = D, **kw) -> VisionHead:

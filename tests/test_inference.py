@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from orion_mllm.cli import main
+from orion_mllm.data.records import encode_record
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.inference.chat import ChatRepl
 from orion_mllm.inference.engine import Engine, SamplingConfig
@@ -174,7 +175,7 @@ def test_prompts_use_the_training_data_layout(micro):
         "conversations": [{"from": "human", "value": "<image>\nWhat colour is the star?"}],
         "image": img,
     }
-    enc = micro.sequence_builder().encode(record, add_generation_prompt=True)
+    enc = encode_record(micro.sequence_builder(), record, add_generation_prompt=True)
     assert prompt.input_ids.tolist() == enc.input_ids.tolist()
     assert torch.equal(prompt.position_ids, enc.position_ids[1:])
 

@@ -16,18 +16,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orion_mllm.kernels.chunked import ChunkedLinearKL
+from orion_mllm.kernels.liger import _liger_probe_inputs, liger_available
+from orion_mllm.kernels.reference import naive_kl_reference
 from orion_mllm.losses import (
-    ChunkedLinearKL,
     LossTerms,
     LossWeights,
-    _liger_probe_inputs,
+    TargetShares,
     cross_entropy_loss,
-    frozen_copy,
     kl_divergence_loss,
-    liger_available,
     mse_loss,
-    naive_kl_reference,
+    step_loss,
+    step_metrics,
 )
+from orion_mllm.model.teacher import frozen_copy
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -98,7 +100,7 @@ def test_chunked_kl_gradients_fp32_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_kl_low_precision_inputs(dtype, monkeypatch):
     # A vocab tile smaller than V exercises the tiled fp32 upcast of low-precision weights.
-    monkeypatch.setattr("orion_mllm.losses._VOCAB_TILE", 40)
+    monkeypatch.setattr("orion_mllm.kernels.chunked._VOCAB_TILE", 40)
     sh, sw, th, tw = make_kl_inputs(dtype=dtype)
     ref = naive_kl_reference(sh, sw, th, tw)  # the same low-precision values, upcast to fp64
     ref_gh, ref_gw = grads_of(ref, sh, sw)
@@ -516,22 +518,39 @@ def test_loss_weights_parse_and_validate():
         w.ce = 2.0  # frozen
 
 
-def test_loss_terms_total_and_as_floats():
+def test_step_loss_weights_terms_by_their_share_and_logs_the_parts():
     ce, mse, kl = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0), torch.tensor(5.0)
     terms = LossTerms(ce=ce, mse=mse, kl=kl)
-    total = terms.total(LossWeights(1.0, 0.5, 0.01))
-    assert total.item() == pytest.approx(2.0 + 1.5 + 0.05)
-    total.backward()
+    w = LossWeights(1.0, 0.5, 0.01)
+    whole = step_loss(terms, w)  # a step of one batch: every share is 1
+    assert whole.loss.item() == pytest.approx(2.0 + 1.5 + 0.05)
+    whole.loss.backward()
     assert ce.grad.item() == 1.0
+    assert whole.parts == (2.0, 3.0, 5.0)
+    assert step_metrics(whole.parts, w) == {"loss": pytest.approx(3.55), "ce": 2.0, "mse": 3.0, "kl": 5.0}
     assert terms.as_floats() == {"ce": 2.0, "mse": 3.0, "kl": 5.0}
+    # 1 of the step's 4 text targets and 2 of its 4 visual ones, on one of 2 ranks (FSDP averages)
+    part = step_loss(terms, w, TargetShares.of(1, 2, 4, 4, world_size=2))
+    assert part.loss.item() == pytest.approx(2 * (2.0 * 0.25 + 0.5 * 3.0 * 0.5 + 0.01 * 5.0 * 0.5))
+    assert part.parts == (0.5, 1.5, 2.5)
+    assert TargetShares.of(0, 3, 0, 6) == TargetShares(text=0.0, visual=0.5)  # no text in the step
+    # a dummy micro-batch stays in the graph (zero gradients) and counts 0
+    ce.grad = None
+    dummy = step_loss(terms, w, TargetShares(dummy=True))
+    dummy.loss.backward()
+    assert dummy.loss.item() == 0.0 and ce.grad.item() == 0.0 and dummy.parts == (0.0, 0.0, 0.0)
     # weight 0 skips the term, even when it was not computed or is not finite
     partial = LossTerms(ce=ce, mse=None, kl=torch.tensor(math.nan))
-    assert partial.total(LossWeights(2.0, 0.0, 0.0)).item() == 4.0
+    ce_only = LossWeights(2.0, 0.0, 0.0)
+    assert step_loss(partial, ce_only).loss.item() == 4.0
+    logged = step_metrics(step_loss(partial, ce_only).parts, ce_only)
+    assert logged == {"loss": 4.0, "ce": 2.0, "mse": None, "kl": None}
+    assert math.isnan(step_metrics((math.nan, 1.0, 0.0), w)["loss"])
     assert LossTerms(ce=ce).as_floats() == {"ce": 2.0}
     with pytest.raises(ValueError, match="'kl'"):
-        LossTerms(ce=ce, mse=mse).total(LossWeights.parse("1:1:0.01"))
+        step_loss(LossTerms(ce=ce, mse=mse), LossWeights.parse("1:1:0.01"))
     with pytest.raises(ValueError, match="scalar"):
-        LossTerms(ce=torch.ones(2)).total(LossWeights(1.0, 0.0, 0.0))
+        step_loss(LossTerms(ce=torch.ones(2)), LossWeights(1.0, 0.0, 0.0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ import time
 import pytest
 import torch
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.demo import demo_conversations, draw_shape, evaluate, make_batches, train_steps
-from orion_mllm.losses import LossWeights, naive_kl_reference
-from orion_mllm.model.orion import OrionModel, make_teacher
+from orion_mllm.kernels.reference import naive_kl_reference
+from orion_mllm.losses import LossWeights, step_loss
+from orion_mllm.model.orion import OrionModel
+from orion_mllm.model.teacher import KLTeacher, frozen_copy, make_teacher
 from orion_mllm.sequence import IGNORE_INDEX
 
 
@@ -22,7 +25,8 @@ def test_forward_terms_match_direct_computation(fresh_micro):
     model = fresh_micro.eval()
     teacher = make_teacher(model)
     batch = make_batches(model, demo_conversations(3), batch_size=4)[0]
-    out = model(batch, LossWeights(1.0, 1.0, 0.01), teacher=teacher)
+    weights = LossWeights(1.0, 1.0, 0.01)
+    out = model(batch, weights, teacher=teacher)
     # Recompute each term from full logits / head outputs, the naive way.
     hidden = model.backbone.model.language_model(
         inputs_embeds=model.backbone.model.language_model.embed_tokens(batch.input_ids).masked_scatter(
@@ -43,7 +47,7 @@ def test_forward_terms_match_direct_computation(fresh_micro):
     assert out.terms.mse.item() == pytest.approx(mse.item(), rel=1e-5)
     # Teacher is an exact copy at this point: KL is zero.
     assert abs(out.terms.kl.item()) < 1e-7
-    assert out.loss.item() == pytest.approx(ce.item() + mse.item(), rel=1e-5)
+    assert step_loss(out.terms, weights).loss.item() == pytest.approx(ce.item() + mse.item(), rel=1e-5)
     assert out.num_visual_targets == rows.numel() > 0
     assert out.num_text_targets == int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -55,16 +59,17 @@ def test_kl_after_drift_matches_reference_and_reaches_only_student(fresh_micro):
         for p in model.backbone.model.language_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = make_batches(model, demo_conversations(2), batch_size=4)[0]
-    out = model(batch, LossWeights(0.0, 0.0, 1.0), teacher=teacher)
+    weights = LossWeights(0.0, 0.0, 1.0)
+    out = model(batch, weights, teacher=teacher)
     assert out.terms.ce is None and out.terms.mse is None
     assert out.terms.kl.item() > 1e-6
-    out.loss.backward()
+    step_loss(out.terms, weights).loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())
     assert model.backbone.lm_head.weight.grad is not None
     # Teacher is independent: changing the student did not change it.
     s = dict(model.backbone.named_parameters())
-    t = dict(teacher.named_parameters())
+    t = dict(teacher.backbone.named_parameters())
     name = "model.language_model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(s[name], t[name])
     # Value agrees with the fp64 naive reference on the gathered positions.
@@ -72,9 +77,9 @@ def test_kl_after_drift_matches_reference_and_reaches_only_student(fresh_micro):
 
     with torch.no_grad():
         hs, _ = backbone_hidden_states(model.backbone, batch, batch.visual_tokens)
-        ht, _ = backbone_hidden_states(teacher, batch, batch.visual_tokens)
+        ht = teacher(batch, batch.visual_tokens)
     rows, cols = batch.visual_positions.T
-    ref = naive_kl_reference(hs[rows, cols], model.lm_head_weight, ht[rows, cols], teacher.lm_head.weight)
+    ref = naive_kl_reference(hs[rows, cols], model.lm_head_weight, ht[rows, cols], teacher.lm_head_weight)
     assert out.terms.kl.item() == pytest.approx(ref.item(), rel=1e-4)
 
 
@@ -82,9 +87,10 @@ def test_warmup_stage_trains_head_only(fresh_micro):
     model = fresh_micro
     model.backbone.requires_grad_(False)
     batch = make_batches(model, demo_conversations(2), batch_size=4)[0]
-    out = model(batch, LossWeights(0.0, 1.0, 0.0))
+    weights = LossWeights(0.0, 1.0, 0.0)
+    out = model(batch, weights)
     assert out.terms.ce is None and out.terms.kl is None
-    out.loss.backward()
+    step_loss(out.terms, weights).loss.backward()
     assert all(p.grad is not None for p in model.vision_head.parameters())
     assert all(p.grad is None for p in model.backbone.parameters())
 
@@ -95,11 +101,23 @@ def test_kl_weight_without_teacher_is_an_error(fresh_micro):
         fresh_micro(batch, LossWeights(1.0, 1.0, 0.01))
 
 
+def test_kl_teacher_must_be_a_kl_teacher(fresh_micro):
+    """One kind of teacher object: a bare backbone or a whole OrionModel is refused by name."""
+    batch = make_batches(fresh_micro, demo_conversations(1), batch_size=2)[0]
+    weights = LossWeights(1.0, 1.0, 0.01)
+    for wrong in (frozen_copy(fresh_micro.backbone), fresh_micro):
+        with pytest.raises(TypeError, match="must be a KLTeacher"):
+            fresh_micro(batch, weights, teacher=wrong)
+    wrapped = KLTeacher(frozen_copy(fresh_micro.backbone))
+    assert fresh_micro(batch, weights, teacher=wrapped).terms.kl is not None
+
+
 def test_vision_tower_is_frozen(fresh_micro):
     assert not any(p.requires_grad for p in fresh_micro.backbone.model.visual.parameters())
     batch = make_batches(fresh_micro, demo_conversations(2), batch_size=4)[0]
     batch.visual_tokens = None  # force the forward to run the tower itself
-    fresh_micro(batch, LossWeights(1.0, 1.0, 0.0)).loss.backward()
+    weights = LossWeights(1.0, 1.0, 0.0)
+    step_loss(fresh_micro(batch, weights).terms, weights).loss.backward()
     assert all(p.grad is None for p in fresh_micro.backbone.model.visual.parameters())
 
 
@@ -107,8 +125,8 @@ def test_vision_tower_is_frozen(fresh_micro):
 def test_each_head_trains_through_the_model(head):
     model = OrionModel.from_preset("micro", head=head, seed=2)
     batch = make_batches(model, demo_conversations(2), batch_size=4)[0]
-    out = model(batch, LossWeights(1.0, 1.0, 0.0))
-    out.loss.backward()
+    weights = LossWeights(1.0, 1.0, 0.0)
+    step_loss(model(batch, weights).terms, weights).loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.vision_head.parameters())
 
 
@@ -147,9 +165,10 @@ def test_text_only_batch_with_mse_weight(fresh_micro):
     batch = make_batches(fresh_micro, convs, batch_size=1)[0]
     assert batch.visual_tokens is None
     teacher = make_teacher(fresh_micro)
-    out = fresh_micro(batch, LossWeights(1.0, 1.0, 0.01), teacher=teacher)
+    weights = LossWeights(1.0, 1.0, 0.01)
+    out = fresh_micro(batch, weights, teacher=teacher)
     assert out.terms.mse.item() == 0.0 and out.terms.kl.item() == 0.0
-    out.loss.backward()
+    step_loss(out.terms, weights).loss.backward()
     assert fresh_micro.backbone.lm_head.weight.grad is not None
 
 
@@ -176,8 +195,14 @@ def test_standardize_visual_tokens_is_an_affine_rescaling_of_the_random_tower(fr
     builder = fresh_micro.sequence_builder()
     samples = []
     for name, image in images.items():
-        enc = builder.encode(
-            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": name}]}]
+        enc = encode_record(
+            builder,
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": name}],
+                }
+            ],
         )
         samples.append((enc.pixel_values, enc.image_grid_thw))
     before = torch.cat([fresh_micro.encode_images(px, g) for px, g in samples])

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.images import resize_for_understanding
 from orion_mllm.model.backbone import ImageQwen2_5_VLProcessor
 from orion_mllm.model.orion import OrionModel
@@ -62,7 +63,7 @@ def test_understanding_logits_match_plain_transformers(micro_dir, images):
         ref = ref_model(**inputs).logits[0]
 
     ours_model = OrionModel.from_pretrained(micro_dir).eval()
-    enc = ours_model.sequence_builder().encode(conv, add_generation_prompt=True)
+    enc = encode_record(ours_model.sequence_builder(), conv, add_generation_prompt=True)
     assert enc.input_ids.tolist() == inputs["input_ids"][0].tolist()
     assert torch.equal(enc.pixel_values, inputs["pixel_values"])
     ours = ours_model.logits(collate([enc], processor.tokenizer.pad_token_id))[0]
@@ -80,7 +81,7 @@ def test_batched_equals_one_at_a_time(micro_model, images):
             {"role": "assistant", "content": [{"type": "image", "image": images["blue_square"]}]},
         ],
     ]
-    encs = [attach_visual_tokens(builder.encode(c), micro_model.encode_images) for c in convs]
+    encs = [attach_visual_tokens(encode_record(builder, c), micro_model.encode_images) for c in convs]
     pad = builder.tokenizer.pad_token_id
     batched = micro_model.logits(collate(encs, pad))
     for row, enc in enumerate(encs):
@@ -92,7 +93,7 @@ def test_save_load_round_trip_is_exact(micro_model, micro_dir, images):
     loaded = OrionModel.from_pretrained(micro_dir).eval()
     assert loaded.config.to_dict() == micro_model.config.to_dict()
     builder = loaded.sequence_builder()
-    enc = builder.encode(two_image_conversation(images), add_generation_prompt=True)
+    enc = encode_record(builder, two_image_conversation(images), add_generation_prompt=True)
     batch = collate([enc], builder.tokenizer.pad_token_id)
     assert torch.equal(loaded.logits(batch), micro_model.logits(batch))
     hidden = torch.randn(5, micro_model.hidden_size)

@@ -108,24 +108,26 @@ def test_real_scale_image_grids():
     """252 px generation targets -> 18x18 patches -> 81 tokens; inputs keep aspect, long side <= 1008."""
     from PIL import Image
 
+    from orion_mllm.data.records import encode_record
     from orion_mllm.model.backbone import build_processor
     from orion_mllm.sequence import SequenceBuilder
 
     preset = get_preset("qwen2.5-vl-7b")
     builder = SequenceBuilder(build_processor(preset), preset.image_spec)
     photo = Image.new("RGB", (1000, 500), (10, 20, 30))
-    enc = builder.encode(
+    enc = encode_record(
+        builder,
         [
             {
                 "role": "user",
                 "content": [{"type": "image", "image": photo}, {"type": "text", "text": "Redraw it."}],
             },
             {"role": "assistant", "content": [{"type": "image", "image": photo}]},
-        ]
+        ],
     )
     assert enc.image_grid_thw.tolist() == [[1, 36, 72], [1, 18, 18]]  # (t, h, w) in 14-px patches
     assert enc.image_num_tokens.tolist() == [36 * 72 // 4, 81]
     assert enc.visual_positions.numel() == 81
     tiny = Image.new("RGB", (20, 10))
-    enc = builder.encode([{"role": "user", "content": [{"type": "image", "image": tiny}]}])
+    enc = encode_record(builder, [{"role": "user", "content": [{"type": "image", "image": tiny}]}])
     assert enc.image_grid_thw.tolist() == [[1, 2, 4]]  # long side raised to 56, short side one 28-px block

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orion_mllm.data.records import encode_record, parse_conversation
 from orion_mllm.images import ImageLoadError
 from orion_mllm.sequence import (
     IGNORE_INDEX,
@@ -13,7 +14,6 @@ from orion_mllm.sequence import (
     attach_visual_tokens,
     collate,
     mrope_positions,
-    parse_conversation,
 )
 
 
@@ -43,7 +43,7 @@ def test_template_text_matches_chat_template(builder, images):
         {"role": "user", "content": "Draw it."},
         {"role": "assistant", "content": [{"type": "image", "image": images["red_circle"]}]},
     ]
-    enc = builder.encode(conv)
+    enc = encode_record(builder, conv)
     ours = builder.tokenizer.decode(enc.input_ids.tolist())
     ref = builder.tokenizer.apply_chat_template(conv, tokenize=False)
     # The template writes one <|image_pad|> per image; the processor expands it to N copies.
@@ -67,7 +67,7 @@ def test_labels_cover_assistant_text_only(builder, images):
         {"role": "user", "content": "And the shape?"},
         {"role": "assistant", "content": "A square."},
     ]
-    enc = builder.encode(conv)
+    enc = encode_record(builder, conv)
     assert supervised_text(builder, enc) == "Blue.<|im_end|>A square.<|im_end|>"
     # No user/system token and no image pad is ever a target.
     assert not (enc.labels == _tok(builder, "<|image_pad|>")).any()
@@ -86,7 +86,7 @@ def test_generated_image_targets_are_the_next_visual_tokens(builder, micro_model
             ],
         },
     ]
-    enc = attach_visual_tokens(builder.encode(conv), micro_model.encode_images)
+    enc = attach_visual_tokens(encode_record(builder, conv), micro_model.encode_images)
     n = micro_model.config.image_spec.gen_num_tokens
     assert enc.image_grid_thw.tolist() == [list(micro_model.config.image_spec.gen_grid_thw)]
     assert enc.visual_positions.numel() == n == enc.visual_targets.shape[0]
@@ -123,7 +123,7 @@ def test_multi_image_multi_turn_edit(builder, micro_model, images):
         },
         {"role": "assistant", "content": [{"type": "image", "image": images["blue_square"]}]},
     ]
-    enc = attach_visual_tokens(builder.encode(conv), micro_model.encode_images)
+    enc = attach_visual_tokens(encode_record(builder, conv), micro_model.encode_images)
     assert enc.image_is_target.tolist() == [False, False, False, True]
     counts = enc.image_num_tokens.tolist()
     # Different input sizes give different grids; the target uses the fixed generation grid.
@@ -146,7 +146,7 @@ def test_mrope_positions_follow_rope_index_rules(builder, micro_model, images):
             "content": [{"type": "image", "image": images["red_circle"]}, {"type": "text", "text": "ok"}],
         },
     ]
-    enc = builder.encode(conv)
+    enc = encode_record(builder, conv)
     ref, delta = micro_model.backbone.model.get_rope_index(
         enc.input_ids[None], enc.mm_token_type_ids[None], image_grid_thw=enc.image_grid_thw
     )
@@ -207,7 +207,7 @@ def test_record_formats_agree(builder, images, tmp_path):
         ],
         "images": [str(path)],
     }
-    encs = [builder.encode(r) for r in (structured, llava, swift)]
+    encs = [encode_record(builder, r) for r in (structured, llava, swift)]
     for enc in encs[1:]:
         assert torch.equal(enc.input_ids, encs[0].input_ids)
         assert torch.equal(enc.labels, encs[0].labels)
@@ -215,9 +215,21 @@ def test_record_formats_agree(builder, images, tmp_path):
 
 
 def test_generation_prompt(builder):
-    enc = builder.encode([{"role": "user", "content": "Draw a cat."}], add_generation_prompt=True)
+    enc = encode_record(builder, [{"role": "user", "content": "Draw a cat."}], add_generation_prompt=True)
     assert builder.tokenizer.decode(enc.input_ids.tolist()).endswith("<|im_start|>assistant\n")
     assert (enc.labels == IGNORE_INDEX).all()
+
+
+def test_encode_takes_parsed_messages(builder):
+    """Record formats are parsed in data/ (data.records); the encoder takes their result only."""
+    conv = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    enc = builder.encode(parse_conversation(conv, "c1"), "c1")
+    assert torch.equal(enc.input_ids, encode_record(builder, conv, "c1").input_ids)
+    for raw in (conv, {"messages": conv}):
+        with pytest.raises(TypeError, match=r"record c2: .*parse_conversation"):
+            builder.encode(raw, "c2")
+    with pytest.raises(ConversationError, match="no messages"):
+        builder.encode([])
 
 
 @pytest.mark.parametrize(
@@ -249,29 +261,31 @@ def test_bad_records_name_the_problem(record, message):
 def test_missing_and_corrupt_images_name_record_and_file(builder, tmp_path):
     missing = tmp_path / "nope.png"
     with pytest.raises(ImageLoadError, match=r"record r1, image 0: image file not found: .*nope\.png"):
-        builder.encode(
-            {"messages": [{"role": "user", "content": "<image>x"}], "images": [str(missing)]}, "r1"
+        encode_record(
+            builder, {"messages": [{"role": "user", "content": "<image>x"}], "images": [str(missing)]}, "r1"
         )
     corrupt = tmp_path / "bad.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ImageLoadError, match=r"record r2, image 0: cannot read image .*bad\.png"):
-        builder.encode(
-            {"messages": [{"role": "user", "content": "<image>x"}], "images": [str(corrupt)]}, "r2"
+        encode_record(
+            builder, {"messages": [{"role": "user", "content": "<image>x"}], "images": [str(corrupt)]}, "r2"
         )
 
 
 def test_collate_offsets(builder, micro_model, images):
     a = attach_visual_tokens(
-        builder.encode(
+        encode_record(
+            builder,
             [
                 {"role": "user", "content": "Draw."},
                 {"role": "assistant", "content": [{"type": "image", "image": images["red_circle"]}]},
-            ]
+            ],
         ),
         micro_model.encode_images,
     )
     b = attach_visual_tokens(
-        builder.encode(
+        encode_record(
+            builder,
             [
                 {
                     "role": "user",
@@ -281,7 +295,7 @@ def test_collate_offsets(builder, micro_model, images):
                     ],
                 },
                 {"role": "assistant", "content": [{"type": "image", "image": images["blue_square"]}]},
-            ]
+            ],
         ),
         micro_model.encode_images,
     )
@@ -303,7 +317,7 @@ def test_null_image_columns_mean_no_images(builder):
         "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
         "image": None,
     }
-    a, b = builder.encode(swift), builder.encode(llava)
+    a, b = encode_record(builder, swift), encode_record(builder, llava)
     assert torch.equal(a.input_ids, b.input_ids) and a.pixel_values is None
 
 
@@ -314,4 +328,4 @@ def test_literal_special_tokens_in_text_are_rejected(builder, text):
         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}],
     }
     with pytest.raises(ConversationError, match="record s1: text part 1 contains special token"):
-        builder.encode(conv, "s1")
+        encode_record(builder, conv, "s1")

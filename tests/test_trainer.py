@@ -195,7 +195,6 @@ def _poison_forward(monkeypatch, bad_steps):
         out = orig(self, batch, weights, teacher, **kw)
         if calls["step"] in bad_steps:
             out.terms.ce = out.terms.ce * float("nan")
-            out.loss = out.terms.total(weights)
         return out
 
     monkeypatch.setattr(OrionModel, "forward", forward)

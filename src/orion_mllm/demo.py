@@ -21,8 +21,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from orion_mllm.losses import LossWeights
-from orion_mllm.model.orion import OrionModel, make_teacher
+from orion_mllm.data.records import encode_record
+from orion_mllm.losses import LossWeights, step_loss, step_metrics
+from orion_mllm.model.orion import OrionModel
+from orion_mllm.model.teacher import KLTeacher, make_teacher
 from orion_mllm.sequence import Batch, attach_visual_tokens, collate
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
@@ -90,7 +92,7 @@ def make_batches(model: OrionModel, conversations: list, batch_size: int) -> lis
     """Encode, attach the frozen tower's visual tokens once, and collate into fixed batches."""
     builder = model.sequence_builder()
     encoded = [
-        attach_visual_tokens(builder.encode(conv, record_id=f"demo-{i}"), model.encode_images)
+        attach_visual_tokens(encode_record(builder, conv, record_id=f"demo-{i}"), model.encode_images)
         for i, conv in enumerate(conversations)
     ]
     pad = model.processor.tokenizer.pad_token_id
@@ -113,11 +115,14 @@ def train_steps(
     *,
     steps: int,
     lr: float,
-    teacher=None,
+    teacher: KLTeacher | None = None,
     clip: float = 1.0,
     progress: bool = True,
 ) -> list[StepLog]:
-    """Plain AdamW loop over the batches (Table 1's betas/eps/decay/clip). The real trainer is separate."""
+    """Plain AdamW loop over the batches (Table 1's betas/eps/decay/clip), one batch per step.
+
+    The real trainer is separate (``orion_mllm.train``); both weigh the terms with the one
+    objective, ``losses.step_loss``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.1)
     logs = []
@@ -125,20 +130,21 @@ def train_steps(
     bar = tqdm(range(steps), desc="train", disable=not progress)
     for step in bar:
         out = model(batches[step % len(batches)], weights, teacher=teacher)
+        objective = step_loss(out.terms, weights)  # one batch is the whole step: shares 1
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        objective.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        terms = out.terms.as_floats()
-        logs.append(
-            StepLog(step, float(out.loss.detach()), terms.get("ce"), terms.get("mse"), terms.get("kl"))
-        )
-        bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if v is not None})
+        logged = step_metrics(objective.parts, weights)
+        logs.append(StepLog(step, logged["loss"], logged["ce"], logged["mse"], logged["kl"]))
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if v is not None})
     return logs
 
 
 @torch.no_grad()
-def evaluate(model: OrionModel, batches: list[Batch], weights: LossWeights, teacher=None) -> dict[str, float]:
+def evaluate(
+    model: OrionModel, batches: list[Batch], weights: LossWeights, teacher: KLTeacher | None = None
+) -> dict[str, float]:
     """Mean of each loss term over the batches (eval mode)."""
     model.eval()
     totals: dict[str, float] = {}

@@ -21,10 +21,8 @@ What a training step needs, per conversation (``EncodedConversation``):
 - ``pixel_values`` / ``image_grid_thw`` / ``image_is_target``: the images, processed by the
   Qwen2.5-VL image processor, in order of appearance.
 
-Accepted record shapes: a list of ``{"role", "content"}`` messages (content a string or a list of
-``{"type": "text"|"image"}`` parts), ``{"messages": [...], "images": [...]}`` (ms-swift) and
-``{"conversations": [{"from", "value"}], "image"|"images": ...}`` (LLaVA). In string content,
-``<image>`` marks where the next image of the record's image list goes.
+The encoder takes parsed ``Message`` lists; ``orion_mllm.data.records`` parses the record shapes
+users have (plain message lists, ms-swift, LLaVA) into them (``encode_record`` does both steps).
 """
 
 from __future__ import annotations
@@ -45,15 +43,10 @@ from orion_mllm.images import (
 )
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-}
+# An ``<image>`` placeholder that its record gave no image for: ``data.records.parse_conversation``
+# counts and reports those; the encoder refuses one that reaches it anyway.
+MISSING_IMAGE = object()
 
 
 class ConversationError(ValueError):
@@ -74,6 +67,18 @@ class ImagePart:
 class Message:
     role: str  # "system" | "user" | "assistant"
     parts: tuple[TextPart | ImagePart, ...]
+
+
+def as_messages(conversation: Any, where: str) -> list[Message]:
+    """The parsed messages ``SequenceBuilder.encode`` takes; anything else is refused, naming the parser."""
+    if isinstance(conversation, Sequence) and all(isinstance(m, Message) for m in conversation):
+        if not conversation:
+            raise ConversationError(f"{where}: no messages")
+        return list(conversation)
+    raise TypeError(
+        f"{where}: SequenceBuilder.encode takes parsed Messages; parse records and message dicts with "
+        "orion_mllm.data.records.parse_conversation (or encode them with data.records.encode_record)"
+    )
 
 
 @dataclass
@@ -104,111 +109,6 @@ class EncodedConversation:
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
-
-
-# ----------------------------------------------------------------------------- record parsing
-
-
-def _parts_from_string(text: str, images: list[ImageLike], cursor: list[int]) -> list[TextPart | ImagePart]:
-    """Split ``<image>`` placeholders out of a string, taking images from the record's list in order."""
-    parts: list[TextPart | ImagePart] = []
-    pieces = text.split(IMAGE_PLACEHOLDER)
-    for i, piece in enumerate(pieces):
-        if piece:
-            parts.append(TextPart(piece))
-        if i < len(pieces) - 1:
-            index = cursor[0]
-            cursor[0] += 1
-            parts.append(ImagePart(images[index]) if index < len(images) else ImagePart(_MISSING))
-    return parts
-
-
-_MISSING = object()  # placeholder for "<image> without an image"; counted and reported below
-
-
-def _parts_from_list(content: list[Any], where: str) -> list[TextPart | ImagePart]:
-    parts: list[TextPart | ImagePart] = []
-    for j, item in enumerate(content):
-        if not isinstance(item, dict):
-            raise ConversationError(f"{where}: content[{j}] must be a dict, got {type(item).__name__}")
-        kind = item.get("type")
-        if kind == "text" or (kind is None and "text" in item):
-            parts.append(TextPart(str(item.get("text", ""))))
-        elif kind == "image" or (kind is None and "image" in item):
-            if item.get("image") is None:
-                raise ConversationError(f"{where}: content[{j}] is an image part without an 'image' value")
-            parts.append(ImagePart(item["image"]))
-        else:
-            raise ConversationError(
-                f"{where}: content[{j}] has unsupported type {kind!r} (use 'text' or 'image')"
-            )
-    return parts
-
-
-def _turn_list(value: Any, field_name: str, where: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise ConversationError(f"{where}: '{field_name}' must be a list, got {type(value).__name__}")
-    for i, turn in enumerate(value):
-        if not isinstance(turn, dict):
-            raise ConversationError(f"{where}: {field_name}[{i}] must be a dict, got {type(turn).__name__}")
-    return value
-
-
-def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
-    """Normalise any accepted record shape into ``Message`` objects, checking roles and images."""
-    where = f"record {record_id}" if record_id else "conversation"
-    images: list[ImageLike] = []
-    if isinstance(record, dict):
-        if "conversations" in record:
-            turns = _turn_list(record["conversations"], "conversations", where)
-            raw = [{"role": m.get("from"), "content": m.get("value")} for m in turns]
-        elif "messages" in record:
-            raw = _turn_list(record["messages"], "messages", where)
-        else:
-            raise ConversationError(f"{where}: expected a 'messages' or 'conversations' field")
-        found = record.get("images", record.get("image")) or []  # null columns in mixed JSONL
-        images = (
-            [found] if isinstance(found, (str, bytes)) or not isinstance(found, Sequence) else list(found)
-        )
-    elif isinstance(record, Sequence):
-        raw = list(record)
-    else:
-        raise ConversationError(
-            f"{where}: expected a list of messages or a dict, got {type(record).__name__}"
-        )
-    if not raw:
-        raise ConversationError(f"{where}: no messages")
-
-    cursor = [0]
-    messages = []
-    for i, msg in enumerate(raw):
-        if not isinstance(msg, dict):
-            raise ConversationError(f"{where}: message {i} must be a dict, got {type(msg).__name__}")
-        role = ROLE_ALIASES.get(str(msg.get("role")))
-        if role is None:
-            raise ConversationError(
-                f"{where}: message {i} has unknown role {msg.get('role')!r}; "
-                f"expected one of {sorted(ROLE_ALIASES)}"
-            )
-        content = msg.get("content")
-        if isinstance(content, str):
-            parts = _parts_from_string(content, images, cursor)
-        elif isinstance(content, list):
-            parts = _parts_from_list(content, f"{where}, message {i}")
-        else:
-            raise ConversationError(f"{where}: message {i} content must be a string or a list of parts")
-        if role == "system" and any(isinstance(p, ImagePart) for p in parts):
-            raise ConversationError(f"{where}: message {i}: images are not allowed in system turns")
-        if role == "system" and i != 0:
-            raise ConversationError(f"{where}: message {i}: a system turn may only come first")
-        messages.append(Message(role, tuple(parts)))
-
-    placeholders = cursor[0]
-    if placeholders != len(images):
-        raise ConversationError(
-            f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s) given"
-        )
-    return messages
 
 
 # ----------------------------------------------------------------------------- rope index
@@ -282,7 +182,7 @@ class SequenceBuilder:
             return None, None
         prepared = []
         for k, (image, is_target) in enumerate(images):
-            if image is _MISSING:
+            if image is MISSING_IMAGE:
                 raise ConversationError(f"{where}: image placeholder {k} has no image")
             img = load_image(image, where=f"{where}, image {k}")
             prepared.append(
@@ -307,7 +207,7 @@ class SequenceBuilder:
     ) -> EncodedConversation:
         """Encode one record. ``add_generation_prompt`` appends an open assistant turn (inference)."""
         where = f"record {record_id}" if record_id else "conversation"
-        messages = parse_conversation(conversation, record_id)
+        messages = as_messages(conversation, where)
         images = [
             (p.image, m.role == "assistant") for m in messages for p in m.parts if isinstance(p, ImagePart)
         ]
@@ -496,17 +396,18 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
             grids.append(item.image_grid_thw)
         if item.visual_tokens is not None:
             tokens.append(item.visual_tokens)
-    return _assemble_batch(
+    return assemble_batch(
         input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
         token_offset, packed=False,
     )  # fmt: skip
 
 
-def _assemble_batch(
+def assemble_batch(
     input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
     n_visual_tokens: int, *, packed: bool,
 ) -> Batch:  # fmt: skip
-    """The shared tail of ``collate`` and ``collate_packed``: concatenate the per-sample visual lists."""
+    """The shared tail of ``collate`` and ``data.packing.collate_packed``: concatenate the per-sample
+    visual lists."""
     if tokens and sum(t.shape[0] for t in tokens) != n_visual_tokens:
         raise ValueError("some conversations in the batch have visual tokens attached and others not")
     return Batch(
@@ -522,95 +423,3 @@ def _assemble_batch(
         mm_token_type_ids=mm_types,
         packed=packed,
     )
-
-
-# ----------------------------------------------------------------------------- packing
-
-
-def pack_first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group indices into bins whose lengths sum to at most ``budget`` (first-fit decreasing).
-
-    Longest first (ties by index, so the result is deterministic); each goes into the first bin with
-    room, else opens a new one. A length over the budget is an error: filter those out (and count
-    them as skipped) before packing.
-    """
-    if budget <= 0:
-        raise ValueError(f"packing budget must be positive, got {budget}")
-    for i, n in enumerate(lengths):
-        if n < 0:
-            raise ValueError(f"sample {i} has negative length {n}")
-        if n > budget:
-            raise ValueError(f"sample {i} has length {n} > packing budget {budget}; filter it out first")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = lengths[i]
-        for b, left in enumerate(room):
-            if n <= left:
-                bins[b].append(i)
-                room[b] -= n
-                break
-        else:
-            bins.append([i])
-            room.append(budget - n)
-    return bins
-
-
-def collate_packed(
-    bins: Sequence[Sequence[EncodedConversation]], pad_token_id: int, budget: int | None = None
-) -> Batch:
-    """Pack each bin of conversations into one row, right-padded to ``budget`` (or the longest row).
-
-    No cross-contamination: every sample keeps its own position_ids (all four rows restart at its
-    start), so the text row tells transformers where samples begin and it attends block-diagonally
-    (``Batch.packed`` makes the model pass no attention mask). Padding restarts its text positions
-    too, forming a segment of its own that no real token sees. ``attention_mask`` marks real tokens
-    (1) vs padding (0); it is for counting only. Visual lists are concatenated row-major, sample by
-    sample, which is the order the ``<|image_pad|>`` tokens appear in the flattened ``input_ids``.
-    """
-    if not bins or any(len(b) == 0 for b in bins):
-        raise ValueError("collate_packed needs at least one bin and no empty bins")
-    row_lengths = [sum(len(x) for x in b) for b in bins]
-    width = max(row_lengths) if budget is None else budget
-    for row, n in enumerate(row_lengths):
-        if n > width:
-            raise ValueError(f"bin {row} holds {n} tokens > packing budget {width}")
-    bsz = len(bins)
-    input_ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
-    labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((bsz, width), dtype=torch.long)
-    mm_types = torch.zeros((bsz, width), dtype=torch.int)
-    position_ids = torch.zeros((4, bsz, width), dtype=torch.long)
-    vis_pos, vis_idx, tokens, pixels, grids = [], [], [], [], []
-    token_offset = 0
-    for row, items in enumerate(bins):
-        offset = 0
-        for item in items:
-            n = len(item)
-            end = offset + n
-            input_ids[row, offset:end] = item.input_ids
-            labels[row, offset:end] = item.labels
-            # labels are unshifted: labels[offset] would be predicted by the previous sample's last
-            # hidden state. Alone, a sample's first label is never used (the shift drops it); same here.
-            if n:
-                labels[row, offset] = IGNORE_INDEX
-            attention[row, offset:end] = 1
-            mm_types[row, offset:end] = item.mm_token_type_ids
-            position_ids[:, row, offset:end] = item.position_ids
-            rows = torch.full_like(item.visual_positions, row)
-            vis_pos.append(torch.stack([rows, item.visual_positions + offset], dim=1))
-            vis_idx.append(item.visual_target_index + token_offset)
-            token_offset += int(item.image_num_tokens.sum())
-            if item.pixel_values is not None:
-                pixels.append(item.pixel_values)
-                grids.append(item.image_grid_thw)
-            if item.visual_tokens is not None:
-                tokens.append(item.visual_tokens)
-            offset = end
-        # Padding restarts at 0: its own segment (a jump in the text row), never attended by real tokens.
-        position_ids[:, row, offset:] = torch.arange(width - offset)
-    return _assemble_batch(
-        input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
-        token_offset, packed=True,
-    )  # fmt: skip

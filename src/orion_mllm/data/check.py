@@ -1,7 +1,7 @@
 """Validate a conversation dataset (JSONL, LLaVA or ms-swift form) without training on it.
 
 ``orion data check FILE.jsonl`` reads every line, parses it the way training will
-(``orion_mllm.sequence.parse_conversation``), checks that every image file exists (and, with
+(``orion_mllm.data.records.parse_conversation``), checks that every image file exists (and, with
 ``--decode``, that it opens), classifies each record as understanding / generation / editing /
 text, and reports counts plus every problem with its line number. It never stops at the first bad
 line: the point is to see all of them.
@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orion_mllm.data.records import parse_conversation
 from orion_mllm.images import ImageLoadError, load_image
-from orion_mllm.sequence import ConversationError, ImagePart, parse_conversation
+from orion_mllm.sequence import ConversationError, ImagePart
 
 TASKS = ("understanding", "generation", "editing", "text")
 

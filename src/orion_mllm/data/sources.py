@@ -2,7 +2,7 @@
 
 One ``DatasetSource`` per recipe ``data`` entry (``orion_mllm.train.recipe.DatasetEntry``), opened
 with ``open_dataset(entry, data_root)``. A source is a random-access list of ``RawSample``: a record
-that ``orion_mllm.sequence.parse_conversation`` accepts, plus where it came from (``FILE:LINE`` or
+that ``orion_mllm.data.records.parse_conversation`` accepts, plus where it came from (``FILE:LINE`` or
 ``SHARD.tar:KEY``) for error messages. Formats:
 
 - ``conversations``: JSONL, one record per line, LLaVA (``conversations`` + ``image``/``images``) or
@@ -41,8 +41,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from orion_mllm.data.records import parse_conversation
 from orion_mllm.data.templates import generation_prompt
-from orion_mllm.sequence import ConversationError, parse_conversation
+from orion_mllm.sequence import ConversationError
 from orion_mllm.train.recipe import DatasetEntry
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a key has several
@@ -56,7 +57,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RawSample:
-    record: dict[str, Any]  # a conversation record that orion_mllm.sequence.parse_conversation accepts
+    record: dict[str, Any]  # a conversation record that orion_mllm.data.records.parse_conversation accepts
     source: str  # where it came from, e.g. "/abs/train.jsonl:17" or "/abs/shard-0003.tar:sample_0042"
 
 

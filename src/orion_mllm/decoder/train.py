@@ -27,13 +27,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from orion_mllm.data.records import parse_conversation
 from orion_mllm.data.sources import DataError
 from orion_mllm.decoder.coarse import CoarseFit
 from orion_mllm.decoder.flow import flow_matching_loss
 from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.images import ImageLoadError, load_image, resize_for_generation
 from orion_mllm.model.backbone import build_backbone, encode_images, load_backbone
-from orion_mllm.sequence import ConversationError, ImagePart, parse_conversation
+from orion_mllm.sequence import ConversationError, ImagePart
 from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import AnomalyGuard
 from orion_mllm.train.batches import open_mixture

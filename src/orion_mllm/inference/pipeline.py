@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.decoder.flow import sample, to_pil_images
 from orion_mllm.decoder.model import DECODER_CONFIG, OrionDecoder
 from orion_mllm.inference.engine import Engine, Generated, Prompt, SamplingConfig
@@ -126,7 +127,7 @@ class OrionPipeline:
         spec = self.model.config.image_spec
         placeholder = Image.new("RGB", (spec.gen_image_size, spec.gen_image_size), "white")
         messages, known = session.to_messages(placeholder, self.image_separator)
-        enc = self.builder.encode(messages, add_generation_prompt=True)
+        enc = encode_record(self.builder, messages, add_generation_prompt=True)
         if enc.pixel_values is None:
             return enc, None
         per_image = enc.image_grid_thw.prod(-1).tolist()

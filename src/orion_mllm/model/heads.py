@@ -50,7 +50,6 @@ __all__ = [
     "QFormerHead",
     "VisionHead",
     "build_vision_head",
-    "count_parameters",
     "mlp_head_param_count",
     "qformer_shape",
 ]
@@ -460,8 +459,3 @@ def build_vision_head(config: HeadConfig) -> VisionHead:
     if builder is None:
         raise _unknown_head_error(config.name)
     return builder(config)
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements in ``module`` (optionally only those with requires_grad)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

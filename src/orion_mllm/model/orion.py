@@ -7,10 +7,11 @@
 - ``processor``: the Qwen2.5-VL processor (tokenizer, image processor, chat template);
 - ``config``: an ``OrionConfig`` saved as ``orion_config.json`` next to the backbone.
 
-The forward computes, from one pass of the LLM over a teacher-forced batch:
+The forward computes, from one pass of the LLM over a teacher-forced batch, the unweighted terms:
 CE at text targets, MSE at visual positions, and KL(teacher || student) at the visual positions
-against a frozen copy of the base model (``make_teacher``) run on the same inputs. Logits are only
-ever formed for the gathered positions, chunk by chunk (``orion_mllm.losses``).
+against the frozen base model (a ``KLTeacher``, ``model/teacher.py``) run on the same inputs, with
+how many targets each averages over. Logits are only ever formed for the gathered positions, chunk
+by chunk (``orion_mllm.losses``); weighting the terms into the step's loss is ``losses.step_loss``.
 
 Model code is single-device; parallelism is applied from outside (training engine).
 """
@@ -36,7 +37,6 @@ from orion_mllm.losses import (
     LossTerms,
     LossWeights,
     cross_entropy_loss,
-    frozen_copy,
     kl_divergence_loss,
     mse_loss,
 )
@@ -98,7 +98,8 @@ class OrionConfig:
 
 @dataclass
 class OrionOutput:
-    loss: torch.Tensor
+    """The unweighted loss terms of one forward and the number of targets each averages over."""
+
     terms: LossTerms
     num_text_targets: int = 0
     num_visual_targets: int = 0
@@ -151,43 +152,6 @@ def backbone_hidden_states(
         output_hidden_states=all_layers,
     )
     return out.last_hidden_state, (tuple(out.hidden_states) if all_layers else None)
-
-
-def make_teacher(model: OrionModel) -> Qwen2_5_VLForConditionalGeneration:
-    """A frozen, independent copy of the current backbone, for the KL consistency loss.
-
-    Built *before* ORION training starts, so it stays the base model. The vision tower is dropped:
-    the student's frozen tower already provides the visual tokens both models read.
-    """
-    visual = model.backbone.model.visual
-    model.backbone.model.visual = None  # don't deep-copy what the teacher never runs
-    try:
-        teacher = frozen_copy(model.backbone)
-    finally:
-        model.backbone.model.visual = visual
-    return teacher
-
-
-class KLTeacher(nn.Module):
-    """The frozen base model of the KL term, as a module whose forward gives final hidden states.
-
-    A module of its own so that training can shard it (FSDP runs its hooks around ``forward``);
-    the LM head weight is read directly by the chunked KL, outside the forward.
-    """
-
-    def __init__(self, backbone: Qwen2_5_VLForConditionalGeneration) -> None:
-        super().__init__()
-        self.backbone = backbone
-        backbone.requires_grad_(False)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.backbone.lm_head.weight
-
-    @torch.no_grad()
-    def forward(self, batch: Batch, visual_tokens: torch.Tensor | None) -> torch.Tensor:
-        hidden, _ = backbone_hidden_states(self.backbone, batch, visual_tokens)
-        return hidden
 
 
 class OrionModel(nn.Module):
@@ -384,22 +348,24 @@ class OrionModel(nn.Module):
         self,
         batch: Batch,
         weights: LossWeights,
-        teacher: KLTeacher | Qwen2_5_VLForConditionalGeneration | None = None,
+        teacher: nn.Module | None = None,
         *,
         chunk_size: int = 1024,
         visual_input_noise: float = 0.0,
     ) -> OrionOutput:
-        """One teacher-forced pass: the weighted loss and each term (terms weighted 0 are skipped).
+        """One teacher-forced pass: each loss term, unweighted, and its number of targets.
+
+        ``weights`` only says which terms to compute (a term weighted 0 is skipped, ``None``);
+        turning the terms into the step's loss is ``orion_mllm.losses.step_loss``. ``teacher`` is
+        the ``KLTeacher`` (``orion_mllm.model.teacher``) the KL term needs.
 
         ``visual_input_noise``: std of Gaussian noise added to the *input* copies of generated images'
         tokens (never to targets, never to user images). Teacher forcing feeds the true previous
         tokens, inference feeds the model's own imperfect predictions; training on perturbed inputs
         keeps free-running generation from drifting away (exposure bias). Student and KL teacher
         read the same perturbed sequence."""
-        if weights.kl > 0 and teacher is None:
-            raise ValueError(
-                "KL weight > 0 needs a teacher: build one with make_teacher(model) before training"
-            )
+        if weights.kl > 0:
+            _check_teacher(teacher)
         visual_tokens = self.batch_visual_tokens(batch)
         targets_clean = visual_tokens
         if visual_input_noise > 0 and visual_tokens is not None and batch.visual_target_index.numel():
@@ -429,34 +395,43 @@ class OrionModel(nn.Module):
                 else hidden.new_zeros(0, self.hidden_size)  # text-only batch: an empty, zero MSE
             )
             terms.mse = mse_loss(self.vision_head(head_input), targets.to(hidden.dtype))
-        num_text = 0
+        # labels are unshifted: the hidden at t predicts labels[t + 1].
+        shifted = batch.labels[:, 1:]
+        b_idx, t_idx = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
         if weights.ce > 0:
-            # labels are unshifted: the hidden at t predicts labels[t + 1].
-            shifted = batch.labels[:, 1:]
-            b_idx, t_idx = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-            num_text = int(b_idx.numel())
             terms.ce = cross_entropy_loss(
                 hidden[b_idx, t_idx], self.lm_head_weight, shifted[b_idx, t_idx], chunk_size=chunk_size
             )
         if weights.kl > 0:
-            if isinstance(teacher, KLTeacher):
-                teacher_hidden, teacher_head = teacher(batch, visual_tokens), teacher.lm_head_weight
-            else:
-                with torch.no_grad():
-                    teacher_hidden, _ = backbone_hidden_states(teacher, batch, visual_tokens)
-                teacher_head = teacher.lm_head.weight
+            teacher_hidden = teacher(batch, visual_tokens)
             terms.kl = kl_divergence_loss(
                 visual_hidden,
                 self.lm_head_weight,
                 teacher_hidden[rows, cols],
-                teacher_head,
+                teacher.lm_head_weight,
                 chunk_size=chunk_size,
             )
         return OrionOutput(
-            loss=terms.total(weights),
             terms=terms,
-            num_text_targets=num_text,
+            num_text_targets=int(b_idx.numel()),
             num_visual_targets=int(rows.numel()),
+        )
+
+
+def _check_teacher(teacher: object) -> None:
+    """The KL term runs a ``KLTeacher`` (hidden states from its forward, its LM-head weight).
+
+    ``model/teacher.py`` builds on this module, so the check names what a ``KLTeacher`` offers
+    rather than importing it; a bare backbone or a whole ``OrionModel`` is refused by name.
+    """
+    if teacher is None:
+        raise ValueError("KL weight > 0 needs a teacher: build one with make_teacher(model) before training")
+    if isinstance(teacher, OrionModel) or not (
+        isinstance(teacher, nn.Module) and hasattr(teacher, "lm_head_weight")
+    ):
+        raise TypeError(
+            f"the KL teacher must be a KLTeacher (orion_mllm.model.teacher: make_teacher, load_teacher, "
+            f"or KLTeacher(backbone)), got {type(teacher).__name__}"
         )
 
 

@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from orion_mllm.data.mixture import MixtureSampler
+from orion_mllm.data.packing import collate_packed, pack_first_fit_decreasing
+from orion_mllm.data.records import encode_record
 from orion_mllm.data.sources import DataError, DatasetSource, open_dataset
 from orion_mllm.images import ImageLoadError
 from orion_mllm.sequence import (
@@ -27,8 +29,6 @@ from orion_mllm.sequence import (
     EncodedConversation,
     SequenceBuilder,
     collate,
-    collate_packed,
-    pack_first_fit_decreasing,
 )
 
 # What a bad record can raise while being read and encoded. Anything else is a bug and propagates.
@@ -118,7 +118,7 @@ class StepLoader:
         try:
             raw = source.get(index)
             where = raw.source
-            encoded = self.builder.encode(raw.record, record_id=raw.source)
+            encoded = encode_record(self.builder, raw.record, record_id=raw.source)
         except BAD_RECORD_ERRORS as err:
             return BadSample(where, f"{type(err).__name__}: {err}")
         if self.packing and len(encoded) > self.pack_tokens:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orion_mllm.losses import LossWeights
+
 Stage = Literal["base", "warmup", "pretrain", "sft"]  # "decoder" recipes are a DecoderRecipe
 
 
@@ -46,12 +48,6 @@ class Trainable(_Strict):
     vision_tower: bool = False
     llm: bool
     head: bool
-
-
-class LossSection(_Strict):
-    ce: float = Field(ge=0)
-    mse: float = Field(ge=0)
-    kl: float = Field(ge=0)
 
 
 class OptimSection(_Strict):
@@ -173,7 +169,8 @@ class Recipe(_Strict):
         None, description="KL teacher: the original base model (default: the stage-1 start)"
     )
     trainable: Trainable
-    loss: LossSection
+    # The CE:MSE:KL weights; LossWeights validates them (finite, >= 0, one > 0), nothing else does.
+    loss: LossWeights
     optim: OptimSection
     train: TrainSection
     resolution: ResolutionSection
@@ -201,8 +198,6 @@ class Recipe(_Strict):
             )
         if self.stage == "base" and (t.head or loss.mse or loss.kl):
             raise ValueError("stage base is understanding-only: no head, mse=kl=0")
-        if loss.ce + loss.mse + loss.kl == 0:
-            raise ValueError("at least one loss weight must be > 0")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError("train.global_batch_size must be a multiple of train.micro_batch_size")
         return self
@@ -288,7 +283,7 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # the latter: loss section
             msg = "unknown key"
         lines.append(f"{loc}: {msg}")
     return "; ".join(lines)

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 
 from orion_mllm.images import ImageSpec
-from orion_mllm.model.backbone import load_backbone
-from orion_mllm.model.orion import ORION_CONFIG_NAME, KLTeacher, OrionModel
+from orion_mllm.model.orion import ORION_CONFIG_NAME, OrionModel
 from orion_mllm.train.recipe import Recipe
 
 STAGE_ORDER = ("base", "warmup", "pretrain", "sft")
@@ -178,6 +177,7 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
     """``model.standardize_tokens_images`` > 0: the data-dependent tower initialisation of stage 0,
     on the first images of the recipe's first data entry (deterministic, so a resume redoes it
     identically before loading the checkpoint)."""
+    from orion_mllm.data.records import encode_record
     from orion_mllm.data.sources import open_dataset
 
     want = recipe.model.standardize_tokens_images
@@ -190,7 +190,7 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
         if len(samples) >= want:
             break
         try:
-            enc = builder.encode(source.get(i).record, record_id=str(i))
+            enc = encode_record(builder, source.get(i).record, record_id=str(i))
         except (ValueError, OSError):  # an unreadable record or image: training skips it too
             continue
         if enc.pixel_values is not None:
@@ -198,17 +198,6 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
     if not samples:
         raise SetupError(f"model.standardize_tokens_images: no images in data entry {recipe.data[0].name!r}")
     model.standardize_visual_tokens(samples, recipe.model.standardize_tokens_scale)
-
-
-def load_teacher(teacher: str, *, seed: int, attn_implementation: str, dtype: torch.dtype) -> KLTeacher:
-    """The frozen base model for the KL term, without its vision tower (the student's provides tokens)."""
-    if teacher.startswith("preset:"):
-        backbone = OrionModel.from_preset(teacher.removeprefix("preset:"), seed=seed).backbone
-    else:
-        backbone, _ = load_backbone(teacher, attn_implementation=attn_implementation, dtype=torch.float32)
-    backbone.model.visual = None
-    backbone.eval()
-    return KLTeacher(backbone.to(dtype))
 
 
 def apply_trainable(model: OrionModel, recipe: Recipe) -> None:

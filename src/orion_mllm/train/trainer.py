@@ -10,7 +10,8 @@ Each optimizer step:
    step's *global* number of targets, so the result does not depend on how samples were split
    into micro-batches or over ranks (1 process == N processes for the same global batch);
 3. clips the gradient norm, asks the anomaly guard whether to skip the step (NaN/Inf loss or
-   gradient, or a norm spike vs its running median), steps AdamW and the LR schedule;
+   gradient, or a norm spike vs its running median), steps AdamW (2-3: ``step.train_step``, which
+   weighs the terms with ``losses.step_loss``) and the LR schedule;
 4. logs a metrics line; saves a checkpoint every ``checkpoint.every`` steps and at the end.
 At the end the model is exported in the Hugging Face layout to ``RUN/final``.
 """
@@ -38,6 +39,7 @@ from orion_mllm.eval.drift import DriftProbe
 from orion_mllm.losses import LossWeights
 from orion_mllm.model.backbone import save_processor
 from orion_mllm.model.orion import OrionModel
+from orion_mllm.model.teacher import load_teacher
 from orion_mllm.sequence import Batch
 from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import AnomalyGuard
@@ -66,13 +68,13 @@ from orion_mllm.train.setup import (
     apply_trainable,
     build_model,
     ensure_shapes_data,
-    load_teacher,
     read_run_info,
     resolve_init,
     resolve_teacher,
     standardize_tower,
     write_run_info,
 )
+from orion_mllm.train.step import train_step
 
 BAD_SAMPLES_LOG = "skipped_samples.jsonl"
 # The bad-record cap is enforced once this many samples were read, so that one unlucky first batch
@@ -175,7 +177,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.dist: DistState = init_distributed(device)
         self.tensorboard = tensorboard
-        self.weights = LossWeights(ce=recipe.loss.ce, mse=recipe.loss.mse, kl=recipe.loss.kl)
+        self.weights: LossWeights = recipe.loss
 
     # ------------------------------------------------------------------ setup
 
@@ -428,7 +430,7 @@ class Trainer:
     def _train_step(
         self, step, data, model, teacher, optimizer, trainable, guard, autocast
     ) -> dict[str, Any]:
-        d, w = self.dist, self.weights
+        d = self.dist
         local_text = sum(text_targets(b) for b in data.micro_batches)
         local_vis = sum(visual_targets(b) for b in data.micro_batches)
         n_text, n_vis, tokens, slots, good, bad = all_reduce_sum(
@@ -449,7 +451,6 @@ class Trainer:
             "seen_samples_step": int(good + bad),
             "bad": bad_all,
         }
-        optimizer.zero_grad(set_to_none=True)
         if good == 0:  # nothing readable in the whole global batch: nothing to learn from
             guard.skipped += 1
             record.update(loss=float("nan"), ce=None, mse=None, kl=None, grad_norm=None, skipped=True)
@@ -459,58 +460,24 @@ class Trainer:
                 f"rank {d.rank} got no readable sample at step {step} while others did; "
                 "raise train.global_batch_size or fix the data"
             )
-        # Each term's mean over the *global* step: micro-batch means weighted by their share of the
-        # step's targets. FSDP averages gradients over ranks, so undo that average with world_size.
-        sums = torch.zeros(3, dtype=torch.float64)
-        for i in range(n_micro):
-            real = i < len(data.micro_batches)
-            batch = data.micro_batches[i if real else 0].to(d.device)  # dummy repeats keep FSDP in step
-            if d.distributed:
-                model.set_requires_gradient_sync(i == n_micro - 1)
-            with autocast():
-                out = model(batch, w, teacher, visual_input_noise=self.recipe.train.visual_input_noise)
-            shares = (
-                text_targets(batch) / n_text if n_text else 0.0,
-                visual_targets(batch) / n_vis if n_vis else 0.0,
-            )
-            # Every computed term joins the graph, even with a zero factor (a dummy micro-batch, or
-            # no targets of that kind here): under FSDP every rank must produce gradients for the
-            # same parameters, or the gradient reduce-scatters would not match across ranks.
-            loss = None
-            for k, (name, weight, share) in enumerate(
-                (("ce", w.ce, shares[0]), ("mse", w.mse, shares[1]), ("kl", w.kl, shares[1]))
-            ):
-                term = getattr(out.terms, name)
-                if weight == 0 or term is None:
-                    continue
-                if real and share:
-                    sums[k] += float(term.detach()) * share
-                part = term * (weight * share * d.world_size if real else 0.0)
-                loss = part if loss is None else loss + part
-            if loss is None:
-                loss = out.loss * 0.0
-            loss.backward()
-        ce, mse, kl = all_reduce_sum(sums.tolist(), d)
-        total_loss = w.ce * ce + w.mse * mse + w.kl * kl
-        if any(math.isnan(float(t)) for t in sums):
-            total_loss = float("nan")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.recipe.optim.grad_clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        skip = guard.check(total_loss, grad_norm, step=step)
-        if skip:
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-        record.update(
-            loss=total_loss,
-            ce=ce if w.ce > 0 else None,
-            mse=mse if w.mse > 0 else None,
-            kl=kl if w.kl > 0 else None,
-            grad_norm=grad_norm,
-            skipped=skip,
+        result = train_step(
+            model,
+            teacher,
+            data.micro_batches,
+            optimizer,
+            trainable,
+            self.weights,
+            dist=d,
+            step_text=n_text,
+            step_visual=n_vis,
+            n_micro=n_micro,
+            autocast=autocast,
+            grad_clip=self.recipe.optim.grad_clip,
+            guard=guard,
+            step=step,
+            visual_input_noise=self.recipe.train.visual_input_noise,
         )
+        record.update(result)
         return record
 
     # ------------------------------------------------------------------ bad data

@@ -1,0 +1,86 @@
+"""One optimizer step of ORION training: micro-batches through student and teacher, clip, AdamW.
+
+``train_step`` is *the* step: the trainer calls it for every step (after reading and counting the
+step's data) and ``benchmarks/train_step.py`` times it. Each micro-batch's terms go through the one
+objective, ``orion_mllm.losses.step_loss``, with the micro-batch's share of the step's *global*
+targets, so the result does not depend on how samples were split into micro-batches or over ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from orion_mllm.losses import LossWeights, TargetShares, step_loss, step_metrics
+from orion_mllm.model.orion import OrionModel
+from orion_mllm.sequence import Batch
+from orion_mllm.train.anomaly import AnomalyGuard
+from orion_mllm.train.batches import text_targets, visual_targets
+from orion_mllm.train.distributed import DistState, all_reduce_sum
+
+
+def train_step(
+    model: OrionModel,
+    teacher: nn.Module | None,
+    micro_batches: Sequence[Batch],
+    optimizer: torch.optim.Optimizer,
+    trainable: Sequence[nn.Parameter],
+    weights: LossWeights,
+    *,
+    dist: DistState,
+    step_text: float,
+    step_visual: float,
+    n_micro: int | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    grad_clip: float = 1.0,
+    guard: AnomalyGuard | None = None,
+    step: int | None = None,
+    visual_input_noise: float = 0.0,
+) -> dict[str, Any]:
+    """Forward + backward of this rank's micro-batches, then clip and (unless skipped) step.
+
+    ``step_text`` / ``step_visual``: the step's text / visual targets over all micro-batches and
+    ranks. ``n_micro``: the most micro-batches any rank has (default: this rank's); a rank with
+    fewer runs dummy repeats of its first, which count 0 but keep FSDP's collectives in step.
+    ``guard`` decides whether to skip the update (None: always step).
+    Returns ``loss``, ``ce``, ``mse``, ``kl`` (``step_metrics``), ``grad_norm`` and ``skipped``.
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    n_micro = len(micro_batches) if n_micro is None else n_micro
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(n_micro):
+        real = i < len(micro_batches)
+        batch = micro_batches[i if real else 0].to(dist.device)  # dummy repeats keep FSDP in step
+        if dist.distributed:
+            model.set_requires_gradient_sync(i == n_micro - 1)
+        with autocast():
+            out = model(batch, weights, teacher, visual_input_noise=visual_input_noise)
+        shares = TargetShares.of(
+            text_targets(batch),
+            visual_targets(batch),
+            step_text,
+            step_visual,
+            world_size=dist.world_size,
+            dummy=not real,
+        )
+        objective = step_loss(out.terms, weights, shares)
+        for k, part in enumerate(objective.parts):
+            sums[k] += part
+        objective.loss.backward()
+    metrics = step_metrics(all_reduce_sum(sums.tolist(), dist), weights)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable), grad_clip, foreach=True)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    skip = guard is not None and guard.check(metrics["loss"], grad_norm, step=step)
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    return {**metrics, "grad_norm": grad_norm, "skipped": skip}
