@@ -96,6 +96,11 @@ class TrainSection(StepsSection):
     visual_input_noise: float = Field(
         0.0, ge=0, description="std of Gaussian noise added to generated images' teacher-forced input tokens"
     )
+    prompt_dropout: float = Field(
+        0.0, ge=0, le=1,
+        description="share of generation/editing samples trained without their request text "
+        "(the unconditional branch of token-space classifier-free guidance)",
+    )  # fmt: skip
 
 
 class ResolutionSection(_Strict):

@@ -307,6 +307,8 @@ class Trainer:
             pack_tokens=r.train.pack_tokens,
             micro_batch_size=r.train.micro_batch_size,
             pad_token_id=pad_id,
+            prompt_dropout=r.train.prompt_dropout,
+            seed=r.train.seed,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in trainable)
