@@ -104,3 +104,45 @@ def test_guidance_needs_an_opened_image(pipe):
     opened = pipe.image_prompts(["x"])[0]
     with pytest.raises(ValueError, match="guidance=-1"):
         Engine.guided(opened, opened, -1.0)
+
+
+def test_step_loader_drops_requests_of_image_targets_only_and_reproducibly(tmp_path, pipe):
+    import json
+
+    from orion_mllm.data.mixture import MixtureSampler
+    from orion_mllm.data.sources import open_dataset
+    from orion_mllm.train.batches import StepLoader
+    from orion_mllm.train.recipe import DatasetEntry
+
+    _image(3).save(tmp_path / "a.png")
+    gen = {"conversations": [{"from": "human", "value": "Draw a red circle."},
+                             {"from": "gpt", "value": "<image>"}], "image": "a.png"}  # fmt: skip
+    und = {"conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                             {"from": "gpt", "value": "Red."}], "image": "a.png"}  # fmt: skip
+    (tmp_path / "g.jsonl").write_text(json.dumps(gen) + "\n")
+    (tmp_path / "u.jsonl").write_text(json.dumps(und) + "\n")
+    sources = [
+        open_dataset(DatasetEntry(name="g", path="g.jsonl", task="generation", weight=1), tmp_path),
+        open_dataset(DatasetEntry(name="u", path="u.jsonl", task="understanding", weight=1), tmp_path),
+    ]
+
+    def loader(p: float, rank: int = 0, world: int = 1) -> StepLoader:
+        return StepLoader(
+            sources, MixtureSampler([1, 1], [1.0, 1.0], seed=0), pipe.builder, global_batch_size=8,
+            rank=rank, world_size=world, packing=False, pack_tokens=512, micro_batch_size=1, pad_token_id=0,
+            prompt_dropout=p, seed=0,
+        )  # fmt: skip
+
+    full_gen, full_und = (len(loader(0.0).encode(d, 0)) for d in (0, 1))
+    dropped = [len(loader(0.5).encode(0, 0, slot=s)) for s in range(200)]
+    assert set(dropped) == {full_gen, min(dropped)} and min(dropped) < full_gen
+    assert 70 < sum(n < full_gen for n in dropped) < 130
+    assert {len(loader(1.0).encode(1, 0, slot=s)) for s in range(20)} == {full_und}  # never changed
+    # Two processes drop the same samples as one: the coin is keyed by the global mixture position.
+    def lengths(rank: int, world: int) -> list[int]:
+        steps = [loader(0.5, rank, world).load(step) for step in range(4)]
+        return [b.num_real_tokens for data in steps for b in data.micro_batches]
+
+    one = lengths(0, 1)
+    assert sorted(one) == sorted(lengths(0, 2) + lengths(1, 2))
+    assert len(set(one)) >= 2  # the steps hold kept and dropped and kept samples, so the check has teeth
