@@ -145,4 +145,4 @@ def test_step_loader_drops_requests_of_image_targets_only_and_reproducibly(tmp_p
 
     one = lengths(0, 1)
     assert sorted(one) == sorted(lengths(0, 2) + lengths(1, 2))
-    assert len(set(one)) >= 2  # the steps hold kept and dropped and kept samples, so the check has teeth
+    assert len(set(one)) >= 2  # the steps hold kept and dropped samples, so the check has teeth
