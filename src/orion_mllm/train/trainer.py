@@ -470,7 +470,8 @@ class Trainer:
             if d.distributed:
                 model.set_requires_gradient_sync(i == n_micro - 1)
             with autocast():
-                out = model(batch, w, teacher, visual_input_noise=self.recipe.train.visual_input_noise)
+                out = model(batch, w, teacher, visual_input_noise=self.recipe.train.visual_input_noise,
+                            noise_schedule=self.recipe.train.visual_input_noise_schedule)
             shares = (
                 text_targets(batch) / n_text if n_text else 0.0,
                 visual_targets(batch) / n_vis if n_vis else 0.0,
