@@ -131,17 +131,15 @@ def eval_understanding(
 def regress_tokens(
     pipe: OrionPipeline, requests: Sequence[str], *, sources: Sequence[Image.Image] | None = None,
     batch_size: int = 32, seed: int = 0, progress: bool = True, desc: str = "regressing",
+    guidance: float = 1.0,
 ) -> list[torch.Tensor]:  # fmt: skip
     """The visual tokens [N, d] of one image per request (an edit of ``sources[k]`` when given)."""
     tokens: list[torch.Tensor] = []
     bar = tqdm(total=len(requests), desc=desc, disable=not progress)
     for start in range(0, len(requests), batch_size):
         chunk = list(requests[start : start + batch_size])
-        prompts = []
-        for k, req in enumerate(chunk):
-            s = ChatSession()
-            s.add("user", [UserImage(sources[start + k]), req] if sources is not None else [req])
-            prompts.append(pipe.prompt(s, open_image=True, seed=seed + start + k))
+        srcs = None if sources is None else list(sources[start : start + batch_size])
+        prompts = pipe.image_prompts(chunk, seed=seed + start, sources=srcs, guidance=guidance)
         with torch.no_grad():
             outs = pipe.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
         tokens.extend(o.images[0] for o in outs)

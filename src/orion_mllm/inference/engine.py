@@ -21,7 +21,7 @@ prompt gives the same result alone or in a batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,6 +57,12 @@ class Prompt:
     next_position: int  # M-RoPE position of the next token
     image_open: bool = False  # the prompt ends with <|vision_start|>: generate an image first
     seed: int = 0
+    # Token-space classifier-free guidance for the opened image: ``uncond`` is the same request with
+    # its caption dropped (as ``train.prompt_dropout`` trains it). Both branches regress the next
+    # token, ``v_u + guidance * (v_c - v_u)`` is fed to both, so each reads the guided image so far.
+    # For an MSE head (a fixed-variance Gaussian) that is the mean of the guided distribution.
+    uncond: Prompt | None = None
+    guidance: float = 1.0
 
 
 @dataclass
@@ -117,6 +123,15 @@ class Engine:
             raise ValueError(f"prompt has {pads} <|image_pad|> tokens but {have} visual tokens were given")
         return Prompt(ids, pos, visual_tokens, nxt, image_open=open_image, seed=seed)
 
+    @staticmethod
+    def guided(prompt: Prompt, uncond: Prompt, guidance: float) -> Prompt:
+        """``prompt`` with classifier-free guidance ``guidance`` against ``uncond`` (w = 1: no guidance)."""
+        if not prompt.image_open or not uncond.image_open:
+            raise ValueError("guidance needs prompts that open an image (open_image=True)")
+        if not guidance >= 0:
+            raise ValueError(f"guidance={guidance}: must be >= 0")
+        return replace(prompt, uncond=uncond, guidance=float(guidance))
+
     # ------------------------------------------------------------------ model calls
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -159,6 +174,17 @@ class Engine:
         cfg = cfg or SamplingConfig()
         if not prompts:
             return []
+        # Guided prompts bring their unconditional branch as an extra, hidden row: partner[i] = its row.
+        # w = 1 needs no second branch (v_u + 1 * (v_c - v_u) = v_c), so it runs exactly unguided.
+        asked = len(prompts)
+        partner: dict[int, int] = {}
+        rows = list(prompts)
+        for i, p in enumerate(prompts):
+            if p.uncond is not None and p.guidance != 1.0:
+                partner[i] = len(rows)
+                rows.append(p.uncond)
+        prompts = rows
+        follower = set(partner.values())
         device = self.lm.embed_tokens.weight.device
         dtype = self.lm.embed_tokens.weight.dtype
         b = len(prompts)
@@ -210,17 +236,29 @@ class Engine:
                     feed[i, 0] = self._embed(torch.tensor([self.pad_id]))[0]
                     continue
                 o = outs[i]
+                if i in follower:  # an unconditional branch: fed by its guided row (below)
+                    continue
                 if image_base[i] is not None:
                     base, k = image_base[i], len(image_done[i])
                     if k < self.image_tokens:  # regress the next visual token and feed it back
-                        head_in = layers[:, i] if layers is not None else last[i]
-                        v = self.model.predict_visual_tokens(head_in.unsqueeze(-2)).squeeze(-2)
+                        v = self._regress(last, layers, i)
+                        j = partner.get(i)
+                        if j is not None:
+                            v_u = self._regress(last, layers, j)
+                            v = v_u + prompts[i].guidance * (v - v_u)
+                            base_j = image_base[j]
+                            row, col = divmod(k, self.grid_cols)
+                            feed[j, 0] = v.to(dtype)
+                            feed_pos[:, j, 0] = torch.tensor((base_j, base_j + row, base_j + col))
+                            feed_mask[j, 0] = 1
                         image_done[i].append(v.float().cpu())
                         row, col = divmod(k, self.grid_cols)
                         feed[i, 0] = v.to(dtype)
                         pos3 = (base, base + row, base + col)
                         tok = self.image_pad_id
                     else:  # the image is complete: close it
+                        if i in partner:  # the unconditional branch has done its work
+                            done[partner[i]] = True
                         o.images.append(torch.stack(image_done[i]))
                         image_done[i], image_base[i] = [], None
                         end = base + max(self.grid_rows, self.grid_cols)
@@ -266,4 +304,9 @@ class Engine:
                 )
                 padded = padded or not bool(feed_mask.all())
                 last, layers = self._forward(history[0], history[1], history[2] if padded else None, None)
-        return outs
+        return outs[:asked]
+
+    def _regress(self, last: torch.Tensor, layers: torch.Tensor | None, row: int) -> torch.Tensor:
+        """The vision head's next visual token for one row."""
+        head_in = layers[:, row] if layers is not None else last[row]
+        return self.model.predict_visual_tokens(head_in.unsqueeze(-2)).squeeze(-2)

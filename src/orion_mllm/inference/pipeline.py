@@ -13,6 +13,7 @@ while the LLM runs and moves to the GPU only to render (``offload_decoder``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,10 +217,11 @@ class OrionPipeline:
 
     def image_tokens(
         self, prompt: str, *, n: int = 1, seed: int = 0, elaborate: bool = False, temperature: float = 1.0,
-        source: Image.Image | None = None,
+        source: Image.Image | None = None, guidance: float = 1.0,
     ) -> tuple[list[torch.Tensor], list[str]]:  # fmt: skip
         """Visual tokens of ``n`` images for a request (an edit when ``source`` is given), batched; with
-        ``elaborate`` each first samples a detailed prompt (different per seed), giving diverse images."""
+        ``elaborate`` each first samples a detailed prompt (different per seed), giving diverse images;
+        ``guidance`` > 1 steers the tokens away from the caption-less prediction (token-space CFG)."""
         if not prompt.strip():
             raise ValueError("empty prompt")
         requests = [prompt] * n
@@ -232,21 +234,33 @@ class OrionPipeline:
             cfg = SamplingConfig(max_new_tokens=96, temperature=temperature, top_p=0.95, allow_images=False)
             outs = self.engine.generate(asks, cfg)
             requests = [self.reply_from(o).text.strip() or prompt for o in outs]
-        prompts = self.image_prompts(requests, seed=seed, source=source)
+        prompts = self.image_prompts(requests, seed=seed, sources=None if source is None else [source] * n,
+                                     guidance=guidance)  # fmt: skip
         # One text token after the image closes the loop (the image itself is always completed).
         outs = self.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
         return [o.images[0] for o in outs], requests
 
     def image_prompts(
-        self, requests: list[str], *, seed: int = 0, source: Image.Image | None = None
-    ) -> list[Prompt]:
-        """One prompt per request whose reply starts with an image (an edit of ``source`` when given);
-        request k gets seed ``seed + k``."""
+        self, requests: Sequence[str], *, seed: int = 0, sources: Sequence[Image.Image] | None = None,
+        guidance: float = 1.0,
+    ) -> list[Prompt]:  # fmt: skip
+        """One prompt per request whose reply starts with an image (an edit of ``sources[k]`` when
+        given); request k gets seed ``seed + k``. With ``guidance`` != 1 each prompt carries its
+        unconditional twin: the same turn without the request's text (the source image kept), which is
+        what ``train.prompt_dropout`` trains the model on."""
+        if sources is not None and len(sources) != len(requests):
+            raise ValueError(f"{len(sources)} source images for {len(requests)} requests")
         prompts = []
         for k, req in enumerate(requests):
+            image = [UserImage(sources[k])] if sources is not None else []
             s = ChatSession()
-            s.add("user", [UserImage(source), req] if source is not None else [req])
-            prompts.append(self.prompt(s, open_image=True, seed=seed + k))
+            s.add("user", [*image, req])
+            p = self.prompt(s, open_image=True, seed=seed + k)
+            if guidance != 1.0:
+                u = ChatSession()
+                u.add("user", image or [""])
+                p = self.engine.guided(p, self.prompt(u, open_image=True, seed=seed + k), guidance)
+            prompts.append(p)
         return prompts
 
     def render(

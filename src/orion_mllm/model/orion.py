@@ -352,6 +352,7 @@ class OrionModel(nn.Module):
         *,
         chunk_size: int = 1024,
         visual_input_noise: float = 0.0,
+        noise_schedule: str = "fixed",
     ) -> OrionOutput:
         """One teacher-forced pass: each loss term, unweighted, and its number of targets.
 
@@ -363,17 +364,20 @@ class OrionModel(nn.Module):
         tokens (never to targets, never to user images). Teacher forcing feeds the true previous
         tokens, inference feeds the model's own imperfect predictions; training on perturbed inputs
         keeps free-running generation from drifting away (exposure bias). Student and KL teacher
-        read the same perturbed sequence."""
+        read the same perturbed sequence. ``noise_schedule``: ``fixed`` (that std everywhere) or
+        ``uniform`` (each generated image draws its own std uniformly in [0, visual_input_noise], so
+        the model sees clean, lightly and heavily corrupted contexts and learns when to trust the text).
+        """
         if weights.kl > 0:
             _check_teacher(teacher)
         visual_tokens = self.batch_visual_tokens(batch)
         targets_clean = visual_tokens
         if visual_input_noise > 0 and visual_tokens is not None and batch.visual_target_index.numel():
-            rows = batch.visual_target_index.unique()
-            noise = torch.zeros_like(visual_tokens)
-            noise[rows] = torch.randn(len(rows), visual_tokens.shape[1], dtype=visual_tokens.dtype,
-                                      device=visual_tokens.device) * visual_input_noise  # fmt: skip
-            visual_tokens = visual_tokens + noise
+            merge = self.config.image_spec.merge_size
+            visual_tokens = visual_tokens + input_noise(
+                visual_tokens, batch.visual_target_index, batch.image_grid_thw, merge,
+                visual_input_noise, schedule=noise_schedule,
+            )  # fmt: skip
         head_needs_layers = self.vision_head.needs_all_layers
         # Stage 1 trains the head only: then the LLM pass needs no graph at all.
         llm_trainable = any(p.requires_grad for p in self.backbone.model.language_model.parameters()) or any(
@@ -433,6 +437,34 @@ def _check_teacher(teacher: object) -> None:
             f"the KL teacher must be a KLTeacher (orion_mllm.model.teacher: make_teacher, load_teacher, "
             f"or KLTeacher(backbone)), got {type(teacher).__name__}"
         )
+
+
+NOISE_SCHEDULES = ("fixed", "uniform")
+
+
+def input_noise(
+    tokens: torch.Tensor, target_index: torch.Tensor, grid_thw: torch.Tensor, merge: int, std: float,
+    *, schedule: str = "fixed",
+) -> torch.Tensor:  # fmt: skip
+    """Gaussian noise [T, d] for the input copies of generated images' tokens (zero on user images).
+
+    ``tokens`` are all images' tokens in batch order, ``grid_thw`` their grids, ``target_index`` the
+    rows that are generation targets. ``fixed``: std ``std`` for every generated image; ``uniform``:
+    one std per generated image drawn from U(0, std)."""
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise schedule {schedule!r}: choose one of {', '.join(NOISE_SCHEDULES)}")
+    per_image = (grid_thw.prod(-1) // (merge * merge)).to(tokens.device)
+    image_of_row = torch.repeat_interleave(torch.arange(len(per_image), device=tokens.device), per_image)
+    is_target = torch.zeros(len(per_image), dtype=torch.bool, device=tokens.device)
+    is_target[image_of_row[target_index].unique()] = True
+    level = torch.full((len(per_image),), float(std), device=tokens.device)
+    if schedule == "uniform":
+        level = level * torch.rand(len(per_image), device=tokens.device)
+    level = torch.where(is_target, level, torch.zeros_like(level))
+    rows = is_target[image_of_row]
+    noise = torch.zeros_like(tokens)
+    noise[rows] = torch.randn(int(rows.sum()), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
+    return noise * level[image_of_row].unsqueeze(1).to(tokens.dtype)
 
 
 def _recover_interrupted_save(path: Path) -> None:

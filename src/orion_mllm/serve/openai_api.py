@@ -446,7 +446,8 @@ def create_app(
         return n
 
     async def render_images(prompt: str, n: int, seed: int, source: Image.Image | None):
-        prompts = pipeline.image_prompts([prompt] * n, seed=seed, source=source)
+        sources = None if source is None else [source] * n
+        prompts = pipeline.image_prompts([prompt] * n, seed=seed, sources=sources)
         for p in prompts:
             api.check_prompt_length(p, "prompt")
         images = await api.run("image", None, {"prompts": prompts, "seed": seed})

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from orion_mllm.data.conditioning import drop_prompt, dropout_rng
 from orion_mllm.data.mixture import MixtureSampler
 from orion_mllm.data.packing import collate_packed, pack_first_fit_decreasing
 from orion_mllm.data.records import encode_record
@@ -92,6 +93,8 @@ class StepLoader:
         pack_tokens: int,
         micro_batch_size: int,
         pad_token_id: int,
+        prompt_dropout: float = 0.0,
+        seed: int = 0,
     ) -> None:
         if global_batch_size < world_size:
             raise ValueError(
@@ -107,18 +110,24 @@ class StepLoader:
         self.pack_tokens = pack_tokens
         self.micro_batch_size = micro_batch_size
         self.pad_token_id = pad_token_id
+        self.prompt_dropout = prompt_dropout
+        self.seed = seed
 
     def positions(self, step: int) -> list[tuple[int, int]]:
         picks = self.sampler.take(step * self.global_batch_size, self.global_batch_size)
         return picks[self.rank :: self.world_size]
 
-    def encode(self, dataset: int, index: int) -> EncodedConversation | BadSample:
+    def encode(self, dataset: int, index: int, slot: int = 0) -> EncodedConversation | BadSample:
+        """Sample ``index`` of ``dataset``, read at global mixture position ``slot``."""
         source = self.sources[dataset]
         where = f"{source.name}[{index}]"
         try:
             raw = source.get(index)
             where = raw.source
-            encoded = encode_record(self.builder, raw.record, record_id=raw.source)
+            record = raw.record
+            if self.prompt_dropout > 0 and dropout_rng(self.seed, slot).random() < self.prompt_dropout:
+                record = drop_prompt(record, raw.source) or record
+            encoded = encode_record(self.builder, record, record_id=raw.source)
         except BAD_RECORD_ERRORS as err:
             return BadSample(where, f"{type(err).__name__}: {err}")
         if self.packing and len(encoded) > self.pack_tokens:
@@ -128,8 +137,9 @@ class StepLoader:
     def load(self, step: int) -> StepData:
         data = StepData()
         items: list[EncodedConversation] = []
-        for dataset, index in self.positions(step):
-            out = self.encode(dataset, index)
+        first = step * self.global_batch_size + self.rank
+        for k, (dataset, index) in enumerate(self.positions(step)):
+            out = self.encode(dataset, index, slot=first + k * self.world_size)
             if isinstance(out, BadSample):
                 data.bad.append(out)
             else:

@@ -92,6 +92,15 @@ class TrainSection(StepsSection):
     visual_input_noise: float = Field(
         0.0, ge=0, description="std of Gaussian noise added to generated images' teacher-forced input tokens"
     )
+    visual_input_noise_schedule: Literal["fixed", "uniform"] = Field(
+        "fixed", description="fixed: that std for every generated image; uniform: a std drawn per image "
+        "from U(0, visual_input_noise)",
+    )  # fmt: skip
+    prompt_dropout: float = Field(
+        0.0, ge=0, le=1,
+        description="share of generation/editing samples trained without their request text "
+        "(the unconditional branch of token-space classifier-free guidance)",
+    )  # fmt: skip
 
 
 class ResolutionSection(_Strict):

@@ -40,6 +40,7 @@ def train_step(
     guard: AnomalyGuard | None = None,
     step: int | None = None,
     visual_input_noise: float = 0.0,
+    noise_schedule: str = "fixed",
 ) -> dict[str, Any]:
     """Forward + backward of this rank's micro-batches, then clip and (unless skipped) step.
 
@@ -60,7 +61,9 @@ def train_step(
         if dist.distributed:
             model.set_requires_gradient_sync(i == n_micro - 1)
         with autocast():
-            out = model(batch, weights, teacher, visual_input_noise=visual_input_noise)
+            out = model(
+                batch, weights, teacher, visual_input_noise=visual_input_noise, noise_schedule=noise_schedule
+            )
         shares = TargetShares.of(
             text_targets(batch),
             visual_targets(batch),

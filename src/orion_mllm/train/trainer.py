@@ -309,6 +309,8 @@ class Trainer:
             pack_tokens=r.train.pack_tokens,
             micro_batch_size=r.train.micro_batch_size,
             pad_token_id=pad_id,
+            prompt_dropout=r.train.prompt_dropout,
+            seed=r.train.seed,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in trainable)
@@ -476,6 +478,7 @@ class Trainer:
             guard=guard,
             step=step,
             visual_input_noise=self.recipe.train.visual_input_noise,
+            noise_schedule=self.recipe.train.visual_input_noise_schedule,
         )
         record.update(result)
         return record
