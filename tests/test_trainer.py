@@ -425,3 +425,44 @@ def test_records_with_wrong_types_or_bomb_images_are_bad_samples(tmp_path, micro
     assert all(isinstance(o, BadSample) for o in outs), outs
     reasons = " | ".join(o.reason for o in outs)
     assert "got int" in reasons and "cannot read image" in reasons and "is a directory" in reasons
+
+
+# ------------------------------------------------------------------ MSE in units of the targets' variance
+
+
+def test_mse_normalize_divides_the_mse_weight_by_the_measured_target_variance(tmp_path, shapes_root, base_dir):
+    from orion_mllm.data.records import encode_record
+    from orion_mllm.sequence import attach_visual_tokens
+    from orion_mllm.train.batches import StepLoader, open_mixture
+    from orion_mllm.train.distributed import DistState
+    from orion_mllm.train.token_stats import target_token_variance
+
+    recipe = _pretrain(shapes_root, base_dir, "max_steps=2", "train.mse_normalize=true")
+    lines: list[str] = []
+    trainer = Trainer(recipe, tmp_path / "run", tensorboard=False)
+    trainer._log = lines.append
+    trainer.run()
+    logged = [line for line in lines if "units of the targets' variance" in line]
+    assert len(logged) == 1, lines
+
+    # The number by hand: every generated image the first steps read, per-dimension variance, averaged.
+    model = OrionModel.from_pretrained(base_dir)
+    sources, sampler = open_mixture(recipe)
+    loader = StepLoader(sources, sampler, model.sequence_builder(), global_batch_size=8, rank=0, world_size=1,
+                        packing=False, pack_tokens=512, micro_batch_size=4, pad_token_id=0)  # fmt: skip
+    var, images = target_token_variance(model, loader, DistState(0, 0, 1, torch.device("cpu")), min_images=8)
+    targets = []
+    for step in range(16):
+        for dataset, index in loader.positions(step):
+            raw = sources[dataset].get(index)
+            enc = attach_visual_tokens(encode_record(model.sequence_builder(), raw.record), model.encode_images)
+            if enc.image_is_target.any():
+                targets.append(enc.visual_tokens[enc.visual_target_index.unique()])
+        if len(targets) >= 8:
+            break
+    by_hand = torch.cat(targets).double().var(0, unbiased=False).mean().item()
+    assert images == len(targets)
+    assert var == pytest.approx(by_hand, rel=1e-6)
+    default_var, _ = target_token_variance(model, loader, DistState(0, 0, 1, torch.device("cpu")))
+    assert trainer.weights.mse == pytest.approx(recipe.loss.mse / default_var, rel=1e-9)
+    assert f"effective MSE weight {trainer.weights.mse:.4g}" in logged[0]

@@ -96,6 +96,11 @@ class TrainSection(StepsSection):
         "fixed", description="fixed: that std for every generated image; uniform: a std drawn per image "
         "from U(0, visual_input_noise)",
     )  # fmt: skip
+    mse_normalize: bool = Field(
+        False, description="divide the MSE term by the generation targets' mean per-dimension variance, "
+        "measured on the stage's first batches (train/token_stats.py), so loss weights mean the same at "
+        "every token scale",
+    )  # fmt: skip
     prompt_dropout: float = Field(
         0.0, ge=0, le=1,
         description="share of generation/editing samples trained without their request text "

@@ -18,6 +18,7 @@ At the end the model is exported in the Hugging Face layout to ``RUN/final``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -75,6 +76,7 @@ from orion_mllm.train.setup import (
     write_run_info,
 )
 from orion_mllm.train.step import train_step
+from orion_mllm.train.token_stats import target_token_variance
 
 BAD_SAMPLES_LOG = "skipped_samples.jsonl"
 # The bad-record cap is enforced once this many samples were read, so that one unlucky first batch
@@ -262,6 +264,8 @@ class Trainer:
                 dtype=torch.bfloat16 if bf16 else torch.float32,
             )
             teacher.to(d.device)
+        if r.train.mse_normalize and self.weights.mse > 0:
+            self._normalize_mse(model, pad_id)  # before parallelize: it runs the tower on its own
         model.to(d.device)
         parallelize(model, teacher, d, activation_checkpointing=r.train.activation_checkpointing, bf16=bf16)
 
@@ -426,6 +430,23 @@ class Trainer:
                 total += float(out.terms.kl) * out.num_visual_targets
                 positions += out.num_visual_targets
         return total / max(positions, 1)
+
+    def _normalize_mse(self, model: OrionModel, pad_id: int) -> None:
+        """``train.mse_normalize``: the MSE weight divided by the targets' per-dimension variance."""
+        r = self.recipe
+        sources, sampler = open_mixture(r)
+        loader = StepLoader(
+            sources, sampler, model.sequence_builder(), global_batch_size=r.train.global_batch_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, packing=r.train.packing,
+            pack_tokens=r.train.pack_tokens, micro_batch_size=r.train.micro_batch_size, pad_token_id=pad_id,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # the measurement must not move the training RNG
+            var, images = target_token_variance(model, loader, self.dist)
+        self.weights = dataclasses.replace(self.weights, mse=r.loss.mse / var)
+        self._log(
+            f"MSE in units of the targets' variance: {var:.4g} per dimension over {images} generated "
+            f"images -> effective MSE weight {self.weights.mse:.4g}"
+        )
 
     # ------------------------------------------------------------------ one step
 
