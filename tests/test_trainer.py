@@ -430,7 +430,7 @@ def test_records_with_wrong_types_or_bomb_images_are_bad_samples(tmp_path, micro
 # ------------------------------------------------------------------ MSE in units of the targets' variance
 
 
-def test_mse_normalize_divides_the_mse_weight_by_the_measured_target_variance(tmp_path, shapes_root, base_dir):
+def test_mse_normalize_divides_the_mse_weight_by_the_target_variance(tmp_path, shapes_root, base_dir):
     from orion_mllm.data.records import encode_record
     from orion_mllm.sequence import attach_visual_tokens
     from orion_mllm.train.batches import StepLoader, open_mixture
@@ -455,7 +455,8 @@ def test_mse_normalize_divides_the_mse_weight_by_the_measured_target_variance(tm
     for step in range(16):
         for dataset, index in loader.positions(step):
             raw = sources[dataset].get(index)
-            enc = attach_visual_tokens(encode_record(model.sequence_builder(), raw.record), model.encode_images)
+            enc = encode_record(model.sequence_builder(), raw.record)
+            enc = attach_visual_tokens(enc, model.encode_images)
             if enc.image_is_target.any():
                 targets.append(enc.visual_tokens[enc.visual_target_index.unique()])
         if len(targets) >= 8:
