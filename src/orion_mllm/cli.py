@@ -431,8 +431,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_output(args.output)
     pipe = _pipeline(args, need_decoder=True)
     tokens, prompts = pipe.image_tokens(
-        args.prompt, n=args.n, seed=args.seed, elaborate=args.elaborate, temperature=args.temperature or 1.0
-    )
+        args.prompt, n=args.n, seed=args.seed, elaborate=args.elaborate,
+        temperature=args.temperature or 1.0, system=args.system,
+    )  # fmt: skip
     written = _write_images(
         pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output
     )
@@ -451,7 +452,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         raise ValueError("empty question")
     images = _load_user_images(args.image or [])
     pipe = _pipeline(args)
-    print(pipe.ask(images, args.question, _sampling(args, allow_images=False)))
+    print(pipe.ask(images, args.question, _sampling(args, allow_images=False), system=args.system))
     return 0
 
 
@@ -461,7 +462,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     _check_output(args.output)
     (source,) = _load_user_images([args.image])
     pipe = _pipeline(args, need_decoder=True)
-    tokens, _ = pipe.image_tokens(args.instruction, seed=args.seed, source=source)
+    tokens, _ = pipe.image_tokens(args.instruction, seed=args.seed, source=source, system=args.system)
     written = _write_images(
         pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output
     )
@@ -473,7 +474,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from orion_mllm.inference.chat import ChatRepl
 
     pipe = _pipeline(args)
-    return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed).run()
+    return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed, system=args.system).run()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -730,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--elaborate", action="store_true", help="first sample a detailed prompt per image (diversity)"
     )
     p.add_argument("--temperature", type=float, default=1.0, help="for --elaborate")
+    p.add_argument("--system", default=None, help="system prompt, rendered by the model's chat template")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("ask", help="images + question -> answer (only the answer is printed)")
@@ -737,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="an image file (repeat for several)")
     model_options(p, decoder=False)
     text_options(p, 256, 0.0)
+    p.add_argument("--system", default=None, help="system prompt, rendered by the model's chat template")
     p.set_defaults(func=_cmd_ask)
 
     p = sub.add_parser("edit", help="image + instruction -> edited image")
@@ -744,12 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the image to edit")
     model_options(p, decoder=True)
     render_options(p)
+    p.add_argument("--system", default=None, help="system prompt, rendered by the model's chat template")
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("chat", help="interleaved multi-turn chat (REPL; reads piped input too)")
     model_options(p, decoder=True)
     text_options(p, 256, 0.0)
     p.add_argument("--out-dir", default="chat_images", help="where generated images are written")
+    p.add_argument("--system", default=None, help="system prompt, rendered by the model's chat template")
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, images, edits) for a model")

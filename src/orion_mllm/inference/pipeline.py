@@ -205,45 +205,51 @@ class OrionPipeline:
         session.add("assistant", reply.parts)
         return reply
 
-    def ask(self, images: list[Image.Image], question: str, sampling: SamplingConfig | None = None) -> str:
+    def ask(
+        self, images: list[Image.Image], question: str, sampling: SamplingConfig | None = None, *,
+        system: str | None = None,
+    ) -> str:  # fmt: skip
+        """Answer a question about images; ``system`` is a system prompt for the chat template."""
         if not question.strip():
             raise ValueError("empty question")
-        session = ChatSession()
+        session = ChatSession(system_prompt=system)
         session.add("user", [*(UserImage(im) for im in images), question])
         sampling = sampling or SamplingConfig(allow_images=False)
         return self.reply(session, sampling).text
 
     def image_tokens(
         self, prompt: str, *, n: int = 1, seed: int = 0, elaborate: bool = False, temperature: float = 1.0,
-        source: Image.Image | None = None,
+        source: Image.Image | None = None, system: str | None = None,
     ) -> tuple[list[torch.Tensor], list[str]]:  # fmt: skip
         """Visual tokens of ``n`` images for a request (an edit when ``source`` is given), batched; with
-        ``elaborate`` each first samples a detailed prompt (different per seed), giving diverse images."""
+        ``elaborate`` each first samples a detailed prompt (different per seed), giving diverse images.
+        ``system``: a system prompt for every prompt involved."""
         if not prompt.strip():
             raise ValueError("empty prompt")
         requests = [prompt] * n
         if elaborate:
             asks = []
             for k in range(n):
-                s = ChatSession()
+                s = ChatSession(system_prompt=system)
                 s.add("user", [ELABORATE_TEMPLATE.format(prompt=prompt)])
                 asks.append(self.prompt(s, seed=seed + k))
             cfg = SamplingConfig(max_new_tokens=96, temperature=temperature, top_p=0.95, allow_images=False)
             outs = self.engine.generate(asks, cfg)
             requests = [self.reply_from(o).text.strip() or prompt for o in outs]
-        prompts = self.image_prompts(requests, seed=seed, source=source)
+        prompts = self.image_prompts(requests, seed=seed, source=source, system=system)
         # One text token after the image closes the loop (the image itself is always completed).
         outs = self.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
         return [o.images[0] for o in outs], requests
 
     def image_prompts(
-        self, requests: list[str], *, seed: int = 0, source: Image.Image | None = None
-    ) -> list[Prompt]:
+        self, requests: list[str], *, seed: int = 0, source: Image.Image | None = None,
+        system: str | None = None,
+    ) -> list[Prompt]:  # fmt: skip
         """One prompt per request whose reply starts with an image (an edit of ``source`` when given);
         request k gets seed ``seed + k``."""
         prompts = []
         for k, req in enumerate(requests):
-            s = ChatSession()
+            s = ChatSession(system_prompt=system)
             s.add("user", [UserImage(source), req] if source is not None else [req])
             prompts.append(self.prompt(s, open_image=True, seed=seed + k))
         return prompts
