@@ -169,7 +169,10 @@ def _text_only_as_strings(messages: Messages) -> Messages:
 
 
 def _writes_all_text(rendered: str, messages: Messages) -> bool:
-    """Every text part (stripped: templates may trim) appears in the rendering, in order."""
+    """Every text part (stripped: templates may trim) appears in the rendering, in order, and no content
+    list was printed as it is (a string-only template writes ``[{'type': 'text', ...}]``)."""
+    if "{'type': '" in rendered:
+        return False
     pos = 0
     for message in messages:
         for item in message["content"]:
