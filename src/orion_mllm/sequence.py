@@ -3,16 +3,17 @@
 A conversation is a list of turns (system / user / assistant) whose content interleaves text and
 images. An image in a **user** turn is an input (understanding resolution); an image in an
 **assistant** turn is a generation target (the fixed generation grid). Both are written as
-``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>`` inside Qwen2.5-VL's chat
-template, and training is teacher-forced: every ``<|image_pad|>`` gets its ground-truth visual
-token as input embedding.
+``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>`` inside the text the model
+directory's own chat template writes (``chat_template.py``), and training is teacher-forced: every
+``<|image_pad|>`` gets its ground-truth visual token as input embedding.
 
 What a training step needs, per conversation (``EncodedConversation``):
 
 - ``input_ids`` [S] and ``labels`` [S] (Hugging Face convention, unshifted: ``labels[t]`` is the
-  token the hidden state at t-1 must predict; -100 elsewhere). Supervised: assistant text, the
-  ``<|vision_start|>`` / ``<|vision_end|>`` around a generated image, and the assistant's
-  ``<|im_end|>``. Never user/system text, never ``<|image_pad|>``.
+  token the hidden state at t-1 must predict; -100 elsewhere). Supervised: what the assistant says
+  as the template writes it, i.e. its text, the ``<|vision_start|>`` / ``<|vision_end|>`` around a
+  generated image, and its end-of-turn token (``<|im_end|>``). Never user/system text or role
+  headers, never ``<|image_pad|>``; nothing in a prompt (``add_generation_prompt=True``).
 - ``visual_positions`` [K]: positions whose hidden state regresses a visual token: for each target
   image, the ``<|vision_start|>`` position (predicts v_1) and the first N-1 pads (v_j predicts
   v_{j+1}). ``visual_target_index`` [K] indexes the flat list of the conversation's visual tokens.
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from orion_mllm.chat_template import ChatTemplate, ChatTemplateError, expand_image_pads
 from orion_mllm.images import (
     ImageLike,
     ImageSpec,
@@ -43,7 +45,6 @@ from orion_mllm.images import (
 )
 
 IGNORE_INDEX = -100
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # An ``<image>`` placeholder that its record gave no image for: ``data.records.parse_conversation``
 # counts and reports those; the encoder refuses one that reaches it anyway.
 MISSING_IMAGE = object()
@@ -158,13 +159,13 @@ def mrope_positions(
 
 
 class SequenceBuilder:
-    """Turns conversations into ``EncodedConversation`` with a Qwen2.5-VL processor's parts."""
+    """Turns conversations into ``EncodedConversation`` with a Qwen2.5-VL processor's parts and the
+    chat template it carries (the model directory's own)."""
 
-    def __init__(self, processor, image_spec: ImageSpec, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+    def __init__(self, processor, image_spec: ImageSpec) -> None:
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.spec = image_spec
-        self.system_prompt = system_prompt
         self.merge = int(self.image_processor.merge_size)
         tok = self.tokenizer
         self.image_pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -172,6 +173,15 @@ class SequenceBuilder:
         self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
         self.im_end_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.special_tokens = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()))
+        vocab = tok.get_vocab()
+        # A turn's supervised part ends with the first of these (the tokens generation stops on).
+        stops = dict.fromkeys(t for t in (tok.eos_token, "<|im_end|>", "<|endoftext|>") if t in vocab)
+        self.template = ChatTemplate(
+            getattr(processor, "chat_template", None) or tok.chat_template,
+            source=getattr(tok, "name_or_path", "") or "the model's processor",
+            stop_tokens=list(stops),
+            template_vars=tok.special_tokens_map,
+        )
 
     # -- images
 
@@ -214,44 +224,27 @@ class SequenceBuilder:
         pixel_values, grid = self._process_images(images, where)
         tokens_per_image = [] if grid is None else (grid.prod(-1) // (self.merge**2)).tolist()
 
-        # Render the chat template by hand, remembering which character spans are supervised.
-        # (tests/test_sequence.py checks the text equals tokenizer.apply_chat_template's.)
-        segments: list[tuple[str, bool]] = []
-        if messages[0].role != "system":
-            segments.append((f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n", False))
-        image_k = 0
-        for msg in messages:
-            target = msg.role == "assistant"
-            segments.append((f"<|im_start|>{msg.role}\n", False))
-            for part in msg.parts:
-                if isinstance(part, TextPart):
-                    segments.append((part.text, target))
-                else:
-                    n_tok = tokens_per_image[image_k]
-                    image_k += 1
-                    segments.append(("<|vision_start|>", target))
-                    segments.append(("<|image_pad|>" * n_tok, False))
-                    segments.append(("<|vision_end|>", target))
-            segments.append(("<|im_end|>", target))
-            segments.append(("\n", False))
-        if add_generation_prompt:
-            segments.append(("<|im_start|>assistant\n", False))
-
         for k, part in enumerate(p for m in messages for p in m.parts if isinstance(p, TextPart)):
             found = [tok for tok in self.special_tokens if tok in part.text]
             if found:
                 # Literal special tokens would be tokenised as control tokens (an early <|im_end|>,
                 # a <|vision_start|> with no image) and supervised as such.
                 raise ConversationError(f"{where}: text part {k} contains special token(s) {found}")
-        text = "".join(s for s, _ in segments)
+        # The directory's template writes the text (tests/test_chat_template.py: equal to transformers'
+        # apply_chat_template + processor); a prompt has no targets, so no turn spans are needed.
+        chat = [_template_message(m) for m in messages]
+        if add_generation_prompt:
+            rendered, spans = self.template.render(chat, add_generation_prompt=True), []
+        else:
+            rendered, spans = self.template.assistant_spans(chat)
+        try:
+            text, shift = expand_image_pads(rendered, tokens_per_image)
+        except ValueError as err:
+            raise ChatTemplateError(f"{self.template.source}: {err}") from None
+        spans = [(shift(a), shift(b)) for a, b in spans]
+        starts = [a for a, _ in spans]
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-        starts, spans, pos = [], [], 0
-        for seg, supervised in segments:
-            if supervised and seg:
-                starts.append(pos)
-                spans.append((pos, pos + len(seg)))
-            pos += len(seg)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for t, (a, b) in enumerate(enc["offset_mapping"]):
             k = bisect.bisect_right(starts, a) - 1  # the last supervised span starting at or before a
@@ -300,6 +293,18 @@ class SequenceBuilder:
         for (_, is_target), n_tok in zip(images, tokens_per_image, strict=True):
             if is_target:
                 first = int(pad_positions[offset])
+                last = first + n_tok - 1
+                if (
+                    first == 0
+                    or input_ids[first - 1] != self.vision_start_id
+                    or last + 1 >= input_ids.numel()
+                    or input_ids[last + 1] != self.vision_end_id
+                ):
+                    # Generation opens an image with <|vision_start|> and closes it with <|vision_end|>.
+                    raise ChatTemplateError(
+                        f"the chat template of {self.template.source} does not write an assistant image "
+                        "as <|vision_start|><|image_pad|><|vision_end|>, which image generation needs"
+                    )
                 # The hidden at <|vision_start|> (first - 1) predicts v_1; the hidden at v_j predicts v_{j+1}.
                 positions.append(torch.arange(first - 1, first - 1 + n_tok))
                 index.append(torch.arange(offset, offset + n_tok))
@@ -307,6 +312,15 @@ class SequenceBuilder:
         if not positions:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return torch.cat(positions), torch.cat(index)
+
+
+def _template_message(message: Message) -> dict[str, Any]:
+    """A message in the processor's multimodal form: the template writes an image item's placeholder."""
+    content = [
+        {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+        for p in message.parts
+    ]
+    return {"role": message.role, "content": content}
 
 
 def attach_visual_tokens(

@@ -91,8 +91,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_output(args.output)
     pipe = load_pipeline(args, need_decoder=True)
     tokens, prompts = pipe.image_tokens(
-        args.prompt, n=args.n, seed=args.seed, elaborate=args.elaborate, temperature=args.temperature or 1.0
-    )
+        args.prompt, n=args.n, seed=args.seed, elaborate=args.elaborate,
+        temperature=args.temperature or 1.0, system=args.system, guidance=_guidance(args),
+    )  # fmt: skip
     written = _write_images(
         pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output
     )
@@ -105,7 +106,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         raise ValueError("empty question")
     images = _load_user_images(args.image or [])
     pipe = load_pipeline(args)
-    print(pipe.ask(images, args.question, _sampling(args, allow_images=False)))
+    print(pipe.ask(images, args.question, _sampling(args, allow_images=False), system=args.system))
     return 0
 
 
@@ -115,7 +116,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     _check_output(args.output)
     (source,) = _load_user_images([args.image])
     pipe = load_pipeline(args, need_decoder=True)
-    tokens, _ = pipe.image_tokens(args.instruction, seed=args.seed, source=source)
+    tokens, _ = pipe.image_tokens(
+        args.instruction, seed=args.seed, source=source, system=args.system, guidance=_guidance(args)
+    )
     written = _write_images(
         pipe.render(tokens, seed=args.seed, steps=args.steps, cfg_scale=args.cfg), args.output
     )
@@ -127,7 +130,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from orion_mllm.inference.chat import ChatRepl
 
     pipe = load_pipeline(args)
-    return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed).run()
+    return ChatRepl(pipe, args.out_dir, _sampling(args), seed=args.seed, system=args.system).run()
 
 
 def model_options(p: argparse.ArgumentParser, *, decoder: bool) -> None:
@@ -150,9 +153,25 @@ def text_options(p: argparse.ArgumentParser, max_new: int, temperature: float) -
     p.add_argument("--top-p", type=float, default=1.0)
 
 
+def _guidance(args: argparse.Namespace) -> float:
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ValueError(f"--guidance {args.guidance}: must be >= 0 (1: no guidance)")
+    return 1.0 if args.guidance is None else args.guidance
+
+
+def system_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt, rendered by the model's chat template")
+
+
 def render_options(p: argparse.ArgumentParser) -> None:
-    """The output image and the decoder's sampling: ``generate`` and ``edit``."""
+    """The output image, token-space guidance and the decoder's sampling: ``generate`` and ``edit``."""
     p.add_argument("-o", "--output", required=True, help="image file; with --n K: out_0.png ...")
+    p.add_argument(
+        "--guidance", type=float, default=None,
+        help="token-space classifier-free guidance w: v_u + w (v_c - v_u) against the request-less "
+        "prediction (1: none; models trained with train.prompt_dropout)",
+    )  # fmt: skip
+    system_option(p)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps (default: the decoder's)")
     p.add_argument("--cfg", type=float, default=None, help="decoder guidance scale (default: the decoder's)")
 
@@ -190,6 +209,7 @@ def add_ask(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", help="an image file (repeat for several)")
     model_options(p, decoder=False)
     text_options(p, 256, 0.0)
+    system_option(p)
     p.set_defaults(func=_cmd_ask)
 
 
@@ -209,4 +229,5 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     model_options(p, decoder=True)
     text_options(p, 256, 0.0)
     p.add_argument("--out-dir", default="chat_images", help="where generated images are written")
+    system_option(p)
     p.set_defaults(func=_cmd_chat)

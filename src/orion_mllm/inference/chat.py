@@ -2,7 +2,8 @@
 
 Commands: ``/image PATH`` attaches an image to the next message, ``/draw PROMPT`` asks for an image
 (the reply starts with one), ``/save FILE``, ``/load FILE``, ``/reset``, ``/help``, ``/quit``.
-Any other line is a user message; the model may answer with text, images or both. Generated images
+Any other line is a user message; the model may answer with text, images or both. A system prompt
+(``--system``) starts every new session (a loaded one keeps its own). Generated images
 are rendered (when there is a decoder) into the output folder and their paths printed; they stay in
 the context as the tokens the model predicted.
 """
@@ -31,7 +32,7 @@ HELP = (
 class ChatRepl:
     def __init__(
         self, pipeline: OrionPipeline, out_dir: str | Path, sampling: SamplingConfig, *, seed: int = 0,
-        stdin: TextIO | None = None, stdout: TextIO | None = None,
+        stdin: TextIO | None = None, stdout: TextIO | None = None, system: str | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipeline
         self.out_dir = Path(out_dir)
@@ -39,7 +40,8 @@ class ChatRepl:
         self.seed = seed
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
-        self.session = ChatSession()
+        self.system = system
+        self.session = ChatSession(system_prompt=system)
         self.pending: list[UserImage] = []
         self.images_written = 0
         self.errors = 0
@@ -86,7 +88,7 @@ class ChatRepl:
         if cmd == "/help":
             self.say(HELP)
         elif cmd == "/reset":
-            self.session, self.pending = ChatSession(), []
+            self.session, self.pending = ChatSession(system_prompt=self.system), []
             self.say("session reset")
         elif cmd == "/image":
             if not arg:

@@ -207,57 +207,62 @@ class OrionPipeline:
         session.add("assistant", reply.parts)
         return reply
 
-    def ask(self, images: list[Image.Image], question: str, sampling: SamplingConfig | None = None) -> str:
+    def ask(
+        self, images: list[Image.Image], question: str, sampling: SamplingConfig | None = None, *,
+        system: str | None = None,
+    ) -> str:  # fmt: skip
+        """Answer a question about images; ``system`` is a system prompt for the chat template."""
         if not question.strip():
             raise ValueError("empty question")
-        session = ChatSession()
+        session = ChatSession(system_prompt=system)
         session.add("user", [*(UserImage(im) for im in images), question])
         sampling = sampling or SamplingConfig(allow_images=False)
         return self.reply(session, sampling).text
 
     def image_tokens(
         self, prompt: str, *, n: int = 1, seed: int = 0, elaborate: bool = False, temperature: float = 1.0,
-        source: Image.Image | None = None, guidance: float = 1.0,
+        source: Image.Image | None = None, guidance: float = 1.0, system: str | None = None,
     ) -> tuple[list[torch.Tensor], list[str]]:  # fmt: skip
         """Visual tokens of ``n`` images for a request (an edit when ``source`` is given), batched; with
         ``elaborate`` each first samples a detailed prompt (different per seed), giving diverse images;
-        ``guidance`` > 1 steers the tokens away from the caption-less prediction (token-space CFG)."""
+        ``guidance`` > 1 steers the tokens away from the caption-less prediction (token-space CFG).
+        ``system``: a system prompt for every prompt involved."""
         if not prompt.strip():
             raise ValueError("empty prompt")
         requests = [prompt] * n
         if elaborate:
             asks = []
             for k in range(n):
-                s = ChatSession()
+                s = ChatSession(system_prompt=system)
                 s.add("user", [ELABORATE_TEMPLATE.format(prompt=prompt)])
                 asks.append(self.prompt(s, seed=seed + k))
             cfg = SamplingConfig(max_new_tokens=96, temperature=temperature, top_p=0.95, allow_images=False)
             outs = self.engine.generate(asks, cfg)
             requests = [self.reply_from(o).text.strip() or prompt for o in outs]
-        prompts = self.image_prompts(requests, seed=seed, sources=None if source is None else [source] * n,
-                                     guidance=guidance)  # fmt: skip
+        sources = None if source is None else [source] * n
+        prompts = self.image_prompts(requests, seed=seed, sources=sources, guidance=guidance, system=system)
         # One text token after the image closes the loop (the image itself is always completed).
         outs = self.engine.generate(prompts, SamplingConfig(max_new_tokens=1, allow_images=False))
         return [o.images[0] for o in outs], requests
 
     def image_prompts(
         self, requests: Sequence[str], *, seed: int = 0, sources: Sequence[Image.Image] | None = None,
-        guidance: float = 1.0,
+        guidance: float = 1.0, system: str | None = None,
     ) -> list[Prompt]:  # fmt: skip
         """One prompt per request whose reply starts with an image (an edit of ``sources[k]`` when
         given); request k gets seed ``seed + k``. With ``guidance`` != 1 each prompt carries its
-        unconditional twin: the same turn without the request's text (the source image kept), which is
-        what ``train.prompt_dropout`` trains the model on."""
+        unconditional twin: the same turn without the request's text (the source image and the system
+        prompt kept), which is what ``train.prompt_dropout`` trains the model on."""
         if sources is not None and len(sources) != len(requests):
             raise ValueError(f"{len(sources)} source images for {len(requests)} requests")
         prompts = []
         for k, req in enumerate(requests):
             image = [UserImage(sources[k])] if sources is not None else []
-            s = ChatSession()
+            s = ChatSession(system_prompt=system)
             s.add("user", [*image, req])
             p = self.prompt(s, open_image=True, seed=seed + k)
             if guidance != 1.0:
-                u = ChatSession()
+                u = ChatSession(system_prompt=system)
                 u.add("user", image or [""])
                 p = self.engine.guided(p, self.prompt(u, open_image=True, seed=seed + k), guidance)
             prompts.append(p)
