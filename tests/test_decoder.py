@@ -17,7 +17,7 @@ from orion_mllm.data.shapes.datasets import write_shapes_dataset
 from orion_mllm.decoder.coarse import CoarseFit
 from orion_mllm.decoder.flow import flow_matching_loss, make_scheduler, sample
 from orion_mllm.decoder.model import DecoderConfig, OrionDecoder, decoder_preset
-from orion_mllm.decoder.train import DecoderTrainer
+from orion_mllm.train.decoder_trainer import DecoderTrainer
 from orion_mllm.train.recipe import load_recipe
 from train_utils import REPO
 

@@ -397,10 +397,10 @@ def test_bad_sample_log_has_no_duplicates_after_resume(tmp_path, shapes_root):
 def test_records_with_wrong_types_or_bomb_images_are_bad_samples(tmp_path, micro_model):
     from PIL import Image
 
+    from orion_mllm.data.entries import DatasetEntry
     from orion_mllm.data.mixture import MixtureSampler
     from orion_mllm.data.sources import open_dataset
     from orion_mllm.train.batches import BadSample, StepLoader
-    from orion_mllm.train.recipe import DatasetEntry
 
     big = tmp_path / "bomb.png"
     Image.new("RGB", (8, 8)).save(big)

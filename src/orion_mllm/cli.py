@@ -284,7 +284,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any process is spawned
     output = args.output or str(_default_output(args.recipe))
     if recipe.stage == "decoder":
-        from orion_mllm.decoder.train import DecoderTrainer
+        from orion_mllm.train.decoder_trainer import DecoderTrainer
 
         final = DecoderTrainer(recipe, output).run()
         print(json.dumps({"run_dir": str(Path(output).resolve()), "final_model": str(final)}))
@@ -479,7 +479,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from orion_mllm.serve.openai_api import ServeConfig, create_app
+    from orion_mllm.serve.app import create_app
+    from orion_mllm.serve.openai_api import ServeConfig
 
     pipe = _pipeline(args)
     name = args.served_name or Path(args.model).resolve().name

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orion_mllm.data.entries import DatasetEntry
+
 Stage = Literal["base", "warmup", "pretrain", "sft"]  # "decoder" recipes are a DecoderRecipe
 
 
@@ -113,15 +115,6 @@ class ResolutionSection(_Strict):
         if self.und_min_long_side is not None and self.und_min_long_side > self.und_max_long_side:
             raise ValueError("und_min_long_side must not exceed und_max_long_side")
         return self
-
-
-class DatasetEntry(_Strict):
-    name: str
-    path: str = Field(description="a .jsonl file, a caption list (.txt/.jsonl) or a webdataset shard pattern")
-    format: Literal["conversations", "captions", "webdataset"] = "conversations"
-    task: Literal["understanding", "generation", "editing", "mixed"]
-    weight: float = Field(gt=0, description="relative sampling weight within the mixture")
-    image_root: str | None = None
 
 
 class ShapesDataSection(_Strict):

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from orion_mllm.data.entries import DatasetEntry
 from orion_mllm.data.mixture import MixtureSampler
 from orion_mllm.data.sources import open_dataset
-from orion_mllm.eval.drift import DriftProbe
 from orion_mllm.losses import LossWeights
 from orion_mllm.model.backbone import save_processor
 from orion_mllm.model.orion import OrionModel
@@ -58,8 +58,9 @@ from orion_mllm.train.distributed import (
     init_distributed,
     parallelize,
 )
+from orion_mllm.train.drift_probe import probe_batches
 from orion_mllm.train.metrics import MetricsLogger
-from orion_mllm.train.recipe import DatasetEntry, Recipe, recipe_to_yaml
+from orion_mllm.train.recipe import Recipe, recipe_to_yaml
 from orion_mllm.train.schedule import LRSchedule, build_scheduler
 from orion_mllm.train.setup import (
     FINAL_MODEL,
@@ -406,11 +407,11 @@ class Trainer:
                 return None
         source = open_dataset(entry, r.data_root)
         records = [source.get(i).record for i in range(min(r.drift.samples, len(source)))]
-        try:
-            return DriftProbe.from_records(model, records).batches
-        except ValueError:  # e.g. ShapesWorld data written with n_heldout: 0
+        batches = probe_batches(model, records)
+        if not batches:  # e.g. ShapesWorld data written with n_heldout: 0
             self._log(f"drift probe off: {source!r} holds no generated images to probe")
             return None
+        return batches
 
     def _measure_drift(self, model, teacher, probe: list[Batch], autocast) -> float:
         """KL(base || model) of the text head at the probe's visual positions (the KL term itself, run

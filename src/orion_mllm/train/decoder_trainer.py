@@ -7,6 +7,8 @@ regresses), and trains the decoder to reconstruct the image from those tokens by
 (``decoder/flow.py``). It shares the training engine's parts: the mixture sampler, bad-record
 skipping, AdamW + schedule, the anomaly guard, DCP checkpoints with auto-resume, ``metrics.jsonl``,
 TensorBoard and the run directory layout; ``RUN/final`` is the decoder (EMA weights when enabled).
+It lives beside the stage trainer: the decoder package holds only the network, the sampler, the
+coarse fit and conversion.
 
 One process (the decoder is small next to the LLM); multi-process decoder training is not built.
 """
