@@ -158,23 +158,34 @@ class DriftSection(_Strict):
     )  # fmt: skip
 
 
-class Recipe(_Strict):
-    stage: Stage
+class RunRecipe(_Strict):
+    """What every run recipe has, stage or decoder: optimizer, steps, resolutions, data, checkpoints and
+    the anomaly guard (``train/loop.py`` runs them). Subclasses add what they train. Saved recipes list
+    these shared sections first, then the subclass's own."""
+
+    stage: str
     description: str = ""
-    model: ModelSection
-    teacher: str | None = Field(
-        None, description="KL teacher: the original base model (default: the stage-1 start)"
-    )
-    trainable: Trainable
-    loss: LossSection
     optim: OptimSection
-    train: TrainSection
+    train: StepsSection
     resolution: ResolutionSection
     data_root: str | None = None
     shapes_data: ShapesDataSection | None = None
     data: list[DatasetEntry] = Field(min_length=1)
     checkpoint: CheckpointSection = CheckpointSection()
     anomaly: AnomalySection = AnomalySection()
+
+
+class Recipe(RunRecipe):
+    """One ORION stage (base, warmup, pretrain, sft): its model, teacher, trained parts and losses."""
+
+    stage: Stage
+    model: ModelSection
+    teacher: str | None = Field(
+        None, description="KL teacher: the original base model (default: the stage-1 start)"
+    )
+    trainable: Trainable
+    loss: LossSection
+    train: TrainSection
     drift: DriftSection = DriftSection()
 
     @model_validator(mode="after")
@@ -225,24 +236,15 @@ class DecoderSection(_Strict):
     cfg_scale: float = Field(1.0, ge=0, description="default guidance scale saved with the decoder")
 
 
-class DecoderRecipe(_Strict):
+class DecoderRecipe(RunRecipe):
     """Decoder training: images -> frozen vision-tower tokens (condition) -> the same image (target)."""
 
     stage: Literal["decoder"]
-    description: str = ""
     encoder: str = Field(
         description="whose vision tower makes the tokens: 'previous' (the finished stage-0 base run next "
         "to this one), 'preset:NAME', or a Qwen2.5-VL / ORION directory"
     )
     decoder: DecoderSection = DecoderSection()
-    optim: OptimSection
-    train: StepsSection
-    resolution: ResolutionSection
-    data_root: str | None = None
-    shapes_data: ShapesDataSection | None = None
-    data: list[DatasetEntry] = Field(min_length=1)
-    checkpoint: CheckpointSection = CheckpointSection()
-    anomaly: AnomalySection = AnomalySection()
 
 
 class RecipeError(ValueError):
