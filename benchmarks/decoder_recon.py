@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 from orion_mllm.decoder.flow import sample  # noqa: E402
 from orion_mllm.decoder.model import OrionDecoder  # noqa: E402
-from orion_mllm.decoder.train import DecoderTrainer, TokenEncoder  # noqa: E402
 from orion_mllm.eval.shapes_und_edit import scene_matches  # noqa: E402
 from orion_mllm.images import resize_for_generation  # noqa: E402
+from orion_mllm.train.decoder_trainer import DecoderTrainer, TokenEncoder  # noqa: E402
 from orion_mllm.train.recipe import load_recipe  # noqa: E402
 from orion_mllm.train.setup import ensure_shapes_data  # noqa: E402
 

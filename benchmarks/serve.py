@@ -37,8 +37,9 @@ from orion_mllm.decoder.model import OrionDecoder, decoder_preset  # noqa: E402
 from orion_mllm.inference.engine import SamplingConfig  # noqa: E402
 from orion_mllm.inference.pipeline import OrionPipeline  # noqa: E402
 from orion_mllm.model.orion import OrionModel  # noqa: E402
+from orion_mllm.serve.app import create_app  # noqa: E402
 from orion_mllm.serve.background import BackgroundServer  # noqa: E402
-from orion_mllm.serve.openai_api import ServeConfig, create_app  # noqa: E402
+from orion_mllm.serve.openai_api import ServeConfig  # noqa: E402
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from orion_mllm.data.entries import DatasetEntry
 from orion_mllm.data.records import parse_conversation
 from orion_mllm.data.sources import (
     CaptionSource,
@@ -21,7 +22,6 @@ from orion_mllm.data.sources import (
     open_dataset,
 )
 from orion_mllm.sequence import ImagePart, TextPart
-from orion_mllm.train.recipe import DatasetEntry
 
 
 def entry(path: str, fmt: str = "conversations", **kw) -> DatasetEntry:

@@ -17,9 +17,9 @@ from orion_mllm.data.shapes.datasets import write_shapes_dataset
 from orion_mllm.decoder.coarse import CoarseFit
 from orion_mllm.decoder.flow import flow_matching_loss, make_scheduler, sample
 from orion_mllm.decoder.model import DecoderConfig, OrionDecoder, decoder_preset
-from orion_mllm.decoder.train import DecoderTrainer
+from orion_mllm.train.decoder_trainer import DecoderTrainer
 from orion_mllm.train.recipe import load_recipe
-from train_utils import REPO
+from train_utils import REPO, checkpoint_format
 
 
 def _micro(prediction: str = "velocity", **kw) -> OrionDecoder:
@@ -287,6 +287,10 @@ def test_decoder_training_run_resumes_exports_and_decodes(tmp_path, shapes48):
     la = [json.loads(x)["loss"] for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 4
+    # The checkpoint format of the code before the shared run loop (commit 9d20f6c): see the fixture.
+    fixture = Path(__file__).parent / "fixtures/resume_9d20f6c/decoder_checkpoint_format.json"
+    want = json.loads(fixture.read_text())
+    assert checkpoint_format(tmp_path / "a/checkpoints/step_00000002") == want
     a, b = OrionDecoder.from_pretrained(straight), OrionDecoder.from_pretrained(resumed)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k

@@ -13,8 +13,9 @@ from openai import OpenAI
 from PIL import Image
 
 from orion_mllm.inference.pipeline import OrionPipeline
+from orion_mllm.serve.app import create_app
 from orion_mllm.serve.background import BackgroundServer
-from orion_mllm.serve.openai_api import ServeConfig, create_app
+from orion_mllm.serve.openai_api import ServeConfig
 from serve_utils import micro_pipeline
 
 

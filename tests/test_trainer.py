@@ -17,9 +17,12 @@ from orion_mllm.data.shapes.datasets import write_shapes_dataset
 from orion_mllm.model.orion import HEAD_WEIGHTS_NAME, OrionModel
 from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import TrainingDiverged
+from orion_mllm.train.loop import DataQualityError
 from orion_mllm.train.metrics import read_metrics
-from orion_mllm.train.trainer import DataQualityError, Trainer
-from train_utils import RECIPES, REPO, losses, micro_recipe, run_python, trainer_script
+from orion_mllm.train.trainer import Trainer
+from train_utils import RECIPES, REPO, checkpoint_format, losses, micro_recipe, run_python, trainer_script
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,30 @@ _ck.write_marker = _die
 
     straight = Trainer(recipe, tmp_path / "straight", tensorboard=False).run()
     assert losses(run) == losses(straight.run_dir)
+
+
+def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, shapes_root, capsys):
+    """``fixtures/resume_9d20f6c/warmup``: a run stopped after its step-2 checkpoint by the code of
+    commit 9d20f6c (before ``RunLoop`` / ``RunRecipe``). Today's trainer resumes it where it stopped,
+    steps 2-3 give that code's uninterrupted losses, and its own checkpoints have the same format."""
+    fixture = FIXTURES / "resume_9d20f6c"
+    run = tmp_path / "warmup"
+    shutil.copytree(fixture / "warmup", run)
+    recipe = micro_recipe(
+        "stage1_warmup.yaml", shapes_root, "shapes_data=", "model.init=preset:micro", "model.mlp_ratio=2",
+        "max_steps=4", "checkpoint.every=2",
+    )  # fmt: skip
+    Trainer(recipe, run, tensorboard=False).run()
+    assert "resumed from" in capsys.readouterr().out
+    want = json.loads((fixture / "expected.json").read_text())["warmup_losses"]
+    got = losses(run)
+    assert [m["step"] for m in read_metrics(run)] == [0, 1, 2, 3]
+    assert got[:2] == want[:2]  # the fixture's own lines
+    # Recomputed here: bitwise equal on the machine that wrote the fixture; another CPU may round a
+    # little differently, while a wrong resume (weights, optimizer, RNG or data position) is far off.
+    assert got[2:] == pytest.approx(want[2:], rel=1e-5)
+    old = checkpoint_format(fixture / "warmup/checkpoints/step_00000002")
+    assert checkpoint_format(ckpt.checkpoint_dir(run, 4)) == old
 
 
 def test_incomplete_checkpoint_is_never_loaded(tmp_path, micro_model):
@@ -397,10 +424,10 @@ def test_bad_sample_log_has_no_duplicates_after_resume(tmp_path, shapes_root):
 def test_records_with_wrong_types_or_bomb_images_are_bad_samples(tmp_path, micro_model):
     from PIL import Image
 
+    from orion_mllm.data.entries import DatasetEntry
     from orion_mllm.data.mixture import MixtureSampler
     from orion_mllm.data.sources import open_dataset
     from orion_mllm.train.batches import BadSample, StepLoader
-    from orion_mllm.train.recipe import DatasetEntry
 
     big = tmp_path / "bomb.png"
     Image.new("RGB", (8, 8)).save(big)

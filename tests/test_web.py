@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from orion_mllm.serve.app import create_app
 from orion_mllm.serve.background import BackgroundServer
-from orion_mllm.serve.openai_api import ServeConfig, create_app
+from orion_mllm.serve.openai_api import ServeConfig
 from serve_utils import micro_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -54,3 +54,29 @@ recipe = parse_recipe(json.loads({data!r}))
 Trainer(recipe, {str(run_dir)!r}, callbacks={callbacks}, tensorboard=False).run()
 print("TRAINING-DONE")
 """
+
+
+def _shape(value):
+    """A JSON value with its leaves replaced by their type names; a list by its distinct element shapes."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        shapes = [_shape(v) for v in value]
+        return [s for i, s in enumerate(shapes) if s not in shapes[:i]]
+    return type(value).__name__
+
+
+def checkpoint_format(path: str | Path) -> dict:
+    """What a checkpoint directory's format is, without its numbers: its files, every DCP entry's
+    dtype and shape, and the structure of ``trainer_state.json`` (keys and value types)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {
+        k: [str(m.properties.dtype), list(m.size)] if hasattr(m, "size") else "bytes"
+        for k, m in sorted(entries.items())
+    }
+    state = json.loads((path / "trainer_state.json").read_text())
+    files = sorted(p.name for p in path.iterdir())
+    return {"files": files, "tensors": tensors, "trainer_state": _shape(state)}

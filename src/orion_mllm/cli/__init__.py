@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input or data, reported in one line rather than a traceback."""
     from orion_mllm.train.anomaly import TrainingDiverged
-    from orion_mllm.train.trainer import DataQualityError
+    from orion_mllm.train.loop import DataQualityError
 
     return (ValueError, FileNotFoundError, OSError, TrainingDiverged, DataQualityError)
 

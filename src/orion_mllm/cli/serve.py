@@ -11,7 +11,8 @@ from orion_mllm.cli.inference import load_pipeline, model_options
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from orion_mllm.serve.openai_api import ServeConfig, create_app
+    from orion_mllm.serve.app import create_app
+    from orion_mllm.serve.openai_api import ServeConfig
 
     pipe = load_pipeline(args)
     name = args.served_name or Path(args.model).resolve().name

@@ -15,7 +15,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any process is spawned
     output = args.output or str(_default_output(args.recipe))
     if recipe.stage == "decoder":
-        from orion_mllm.decoder.train import DecoderTrainer
+        from orion_mllm.train.decoder_trainer import DecoderTrainer
 
         final = DecoderTrainer(recipe, output).run()
         print(json.dumps({"run_dir": str(Path(output).resolve()), "final_model": str(final)}))

@@ -1,6 +1,6 @@
 """Read training records from the formats users have, as conversation records with absolute image paths.
 
-One ``DatasetSource`` per recipe ``data`` entry (``orion_mllm.train.recipe.DatasetEntry``), opened
+One ``DatasetSource`` per recipe ``data`` entry (``orion_mllm.data.entries.DatasetEntry``), opened
 with ``open_dataset(entry, data_root)``. A source is a random-access list of ``RawSample``: a record
 that ``orion_mllm.data.records.parse_conversation`` accepts, plus where it came from (``FILE:LINE`` or
 ``SHARD.tar:KEY``) for error messages. Formats:
@@ -41,10 +41,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from orion_mllm.data.entries import DatasetEntry
 from orion_mllm.data.records import parse_conversation
 from orion_mllm.data.templates import generation_prompt
 from orion_mllm.sequence import ConversationError
-from orion_mllm.train.recipe import DatasetEntry
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a key has several
 CAPTION_EXTENSIONS = ("txt", "json")

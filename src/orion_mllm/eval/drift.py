@@ -7,9 +7,9 @@ measured by KL(base || model) per position (the loss's direction) and by the ove
 top-k token sets. Naive generative fine-tuning makes the model's predictions there collapse into
 nonsense (large KL, small overlap); the KL loss is meant to keep them.
 
-``DriftProbe`` holds a fixed batch of held-out images and measures it; the trainer uses one to log
-``drift_kl`` / ``drift_topk_overlap`` during stages 2-3, and ``orion eval drift`` writes a table and
-a figure (``drift.md``, ``drift.png``, ``drift.json``).
+``DriftProbe`` holds a fixed batch of held-out images (built by ``train/drift_probe.py``, whose
+batches the trainer also uses to log ``drift_kl`` during stages 2-3) and measures it; ``orion eval
+drift`` writes a table and a figure (``drift.md``, ``drift.png``, ``drift.json``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from orion_mllm.data.records import encode_record
 from orion_mllm.model.orion import OrionModel, backbone_hidden_states
-from orion_mllm.sequence import Batch, attach_visual_tokens, collate
+from orion_mllm.sequence import Batch
+from orion_mllm.train.drift_probe import probe_batches
 
 HiddenFn = Callable[[Batch, torch.Tensor | None], torch.Tensor]  # final hidden states [B, S, d]
 GENERIC_PROMPT = "Draw a picture."
@@ -118,21 +118,7 @@ class DriftProbe:
         cls, model: OrionModel, records: Sequence[dict[str, Any]], *, batch_size: int = 16, k: int = 5
     ) -> DriftProbe:
         """Conversation records whose assistant turn is an image (image paths absolute or PIL)."""
-        builder = model.sequence_builder()
-        pad = model.processor.tokenizer.pad_token_id
-        encoded = []
-        with torch.no_grad():
-            for i, record in enumerate(records):
-                try:
-                    enc = encode_record(builder, record, record_id=str(record.get("id", i)))
-                except (ValueError, OSError):  # an unreadable image or bad record: probe the others
-                    continue
-                if enc.visual_positions.numel() == 0:  # no generated image: nothing to probe
-                    continue
-                encoded.append(attach_visual_tokens(enc, model.encode_images))
-        batches = [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
-        batches = [b for b in batches if b.visual_positions.shape[0]]
-        return cls(batches, k)
+        return cls(probe_batches(model, records, batch_size=batch_size), k)
 
     @torch.no_grad()
     def measure(

@@ -24,7 +24,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -281,10 +280,8 @@ def _content(reply, rendered: list[Image.Image]) -> str:
     return "".join(pieces)
 
 
-def create_app(
-    pipeline: OrionPipeline, config: ServeConfig | None = None, *, web_dir: str | Path | None = None
-) -> FastAPI:
-    """The API; with ``web_dir`` (where its generated images are written) also the web chat at ``/``."""
+def create_api_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -> FastAPI:
+    """The API alone (``app.state.api`` is its ``OrionApi``); ``serve/app.py`` adds the web chat."""
     cfg = config or ServeConfig()
     api = OrionApi(pipeline, cfg)
 
@@ -475,10 +472,4 @@ def create_app(
         n = image_request(form.get("prompt"), form.get("n"), form.get("size"), form.get("response_format"))
         return await render_images(str(form["prompt"]), n, int(form.get("seed") or 0), source)
 
-    if web_dir is not None:
-        import gradio as gr
-
-        from orion_mllm.serve.web import build_web_chat
-
-        app = gr.mount_gradio_app(app, build_web_chat(api, web_dir), path="/", allowed_paths=[str(web_dir)])
     return app

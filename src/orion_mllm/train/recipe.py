@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orion_mllm.data.entries import DatasetEntry
 from orion_mllm.losses import LossWeights
 
 Stage = Literal["base", "warmup", "pretrain", "sft"]  # "decoder" recipes are a DecoderRecipe
@@ -125,15 +126,6 @@ class ResolutionSection(_Strict):
         return self
 
 
-class DatasetEntry(_Strict):
-    name: str
-    path: str = Field(description="a .jsonl file, a caption list (.txt/.jsonl) or a webdataset shard pattern")
-    format: Literal["conversations", "captions", "webdataset"] = "conversations"
-    task: Literal["understanding", "generation", "editing", "mixed"]
-    weight: float = Field(gt=0, description="relative sampling weight within the mixture")
-    image_root: str | None = None
-
-
 class ShapesDataSection(_Strict):
     """ShapesWorld data written to ``data_root`` when it is missing (small-scale recipes)."""
 
@@ -175,9 +167,27 @@ class DriftSection(_Strict):
     )  # fmt: skip
 
 
-class Recipe(_Strict):
-    stage: Stage
+class RunRecipe(_Strict):
+    """What every run recipe has, stage or decoder: optimizer, steps, resolutions, data, checkpoints and
+    the anomaly guard (``train/loop.py`` runs them). Subclasses add what they train. Saved recipes list
+    these shared sections first, then the subclass's own."""
+
+    stage: str
     description: str = ""
+    optim: OptimSection
+    train: StepsSection
+    resolution: ResolutionSection
+    data_root: str | None = None
+    shapes_data: ShapesDataSection | None = None
+    data: list[DatasetEntry] = Field(min_length=1)
+    checkpoint: CheckpointSection = CheckpointSection()
+    anomaly: AnomalySection = AnomalySection()
+
+
+class Recipe(RunRecipe):
+    """One ORION stage (base, warmup, pretrain, sft): its model, teacher, trained parts and losses."""
+
+    stage: Stage
     model: ModelSection
     teacher: str | None = Field(
         None, description="KL teacher: the original base model (default: the stage-1 start)"
@@ -185,14 +195,7 @@ class Recipe(_Strict):
     trainable: Trainable
     # The CE:MSE:KL weights; LossWeights validates them (finite, >= 0, one > 0), nothing else does.
     loss: LossWeights
-    optim: OptimSection
     train: TrainSection
-    resolution: ResolutionSection
-    data_root: str | None = None
-    shapes_data: ShapesDataSection | None = None
-    data: list[DatasetEntry] = Field(min_length=1)
-    checkpoint: CheckpointSection = CheckpointSection()
-    anomaly: AnomalySection = AnomalySection()
     drift: DriftSection = DriftSection()
 
     @model_validator(mode="after")
@@ -241,24 +244,15 @@ class DecoderSection(_Strict):
     cfg_scale: float = Field(1.0, ge=0, description="default guidance scale saved with the decoder")
 
 
-class DecoderRecipe(_Strict):
+class DecoderRecipe(RunRecipe):
     """Decoder training: images -> frozen vision-tower tokens (condition) -> the same image (target)."""
 
     stage: Literal["decoder"]
-    description: str = ""
     encoder: str = Field(
         description="whose vision tower makes the tokens: 'previous' (the finished stage-0 base run next "
         "to this one), 'preset:NAME', or a Qwen2.5-VL / ORION directory"
     )
     decoder: DecoderSection = DecoderSection()
-    optim: OptimSection
-    train: StepsSection
-    resolution: ResolutionSection
-    data_root: str | None = None
-    shapes_data: ShapesDataSection | None = None
-    data: list[DatasetEntry] = Field(min_length=1)
-    checkpoint: CheckpointSection = CheckpointSection()
-    anomaly: AnomalySection = AnomalySection()
 
 
 class RecipeError(ValueError):

@@ -13,18 +13,16 @@ Each optimizer step:
    gradient, or a norm spike vs its running median), steps AdamW (2-3: ``step.train_step``, which
    weighs the terms with ``losses.step_loss``) and the LR schedule;
 4. logs a metrics line; saves a checkpoint every ``checkpoint.every`` steps and at the end.
-At the end the model is exported in the Hugging Face layout to ``RUN/final``.
+At the end the model is exported in the Hugging Face layout to ``RUN/final``. The run skeleton (run
+directory, resume, the step loop, checkpoints, bad-sample log) is ``loop.RunLoop``, shared with the
+decoder trainer; this module supplies the stage's setup, step, drift probe and export.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,20 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from orion_mllm.data.mixture import MixtureSampler
+from orion_mllm.data.entries import DatasetEntry
 from orion_mllm.data.sources import open_dataset
-from orion_mllm.eval.drift import DriftProbe
 from orion_mllm.losses import LossWeights
 from orion_mllm.model.backbone import save_processor
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.model.teacher import load_teacher
 from orion_mllm.sequence import Batch
-from orion_mllm.train import checkpoint as ckpt
-from orion_mllm.train.anomaly import AnomalyGuard
 from orion_mllm.train.batches import (
-    BadSample,
     Prefetcher,
     StepLoader,
     open_mixture,
@@ -57,13 +50,12 @@ from orion_mllm.train.distributed import (
     all_reduce_max,
     all_reduce_sum,
     barrier,
-    broadcast_object,
     init_distributed,
     parallelize,
 )
-from orion_mllm.train.metrics import MetricsLogger
-from orion_mllm.train.recipe import DatasetEntry, Recipe, recipe_to_yaml
-from orion_mllm.train.schedule import LRSchedule, build_scheduler
+from orion_mllm.train.drift_probe import probe_batches
+from orion_mllm.train.loop import RunLoop, param_groups
+from orion_mllm.train.recipe import Recipe
 from orion_mllm.train.setup import (
     FINAL_MODEL,
     apply_trainable,
@@ -73,15 +65,9 @@ from orion_mllm.train.setup import (
     resolve_init,
     resolve_teacher,
     standardize_tower,
-    write_run_info,
 )
 from orion_mllm.train.step import train_step
 from orion_mllm.train.token_stats import target_token_variance
-
-BAD_SAMPLES_LOG = "skipped_samples.jsonl"
-# The bad-record cap is enforced once this many samples were read, so that one unlucky first batch
-# of an otherwise clean corpus does not abort the run.
-MIN_SAMPLES_FOR_BAD_CAP = 50
 
 DRIFT_WEIGHTS = LossWeights(ce=0.0, mse=0.0, kl=1.0)
 StepCallback = Callable[["Trainer", int, dict[str, Any]], None]
@@ -110,10 +96,6 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in changed if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
-
-
-class DataQualityError(RuntimeError):
-    """Too many unreadable samples; the message names some of them."""
 
 
 @dataclass
@@ -150,19 +132,7 @@ def preflight(recipe: Recipe, run_dir: str | Path) -> None:
     open_mixture(recipe)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases and norm scales (1-D tensors), as usual for transformers."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-class Trainer:
+class Trainer(RunLoop):
     def __init__(
         self,
         recipe: Recipe,
@@ -181,48 +151,33 @@ class Trainer:
         self.tensorboard = tensorboard
         self.weights: LossWeights = recipe.loss
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ setup (RunLoop hooks)
 
-    def _log(self, text: str) -> None:
-        if self.dist.is_main:
-            print(text, flush=True)
+    def _run_fields(self, old: dict[str, Any] | None) -> dict[str, Any]:
+        init = old["init"] if old else resolve_init(self.recipe, self.run_dir)
+        teacher = old["teacher"] if old else resolve_teacher(self.recipe, init)
+        return {
+            "recipe": self.recipe_path,
+            "init": init,
+            "teacher": teacher,
+            "world_size": self.dist.world_size,
+        }
 
-    def _prepare_run_dir(self) -> dict[str, Any]:
-        r = self.recipe
-        info = None
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ensure_shapes_data(r, progress=os.isatty(2))
-            old = read_run_info(self.run_dir)
-            if old is not None and old.get("stage") != r.stage:
-                raise ValueError(
-                    f"{self.run_dir} holds a {old.get('stage')!r} run; this recipe is stage {r.stage!r}: "
-                    "choose another --output"
-                )
-            if old and old.get("status") == "finished" and (self.run_dir / FINAL_MODEL).is_dir():
-                return broadcast_object(old, self.dist)  # nothing left to do
-            init = old["init"] if old else resolve_init(r, self.run_dir)
-            teacher = old["teacher"] if old else resolve_teacher(r, init)
-            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
-            info = dict(old or {})
-            info.update(
-                stage=r.stage,
-                recipe=self.recipe_path,
-                init=init,
-                teacher=teacher,
-                world_size=self.dist.world_size,
-                status="running",
-                final_model=FINAL_MODEL,
+    def _check_resume(self, state: dict[str, Any]) -> None:
+        changed = recipe_changes(state.get("recipe", {}), self.recipe.model_dump(mode="json"))
+        if changed:
+            raise ValueError(
+                f"{self.run_dir} was started with a different recipe ({', '.join(changed)} changed); "
+                "resume with the original values or train into a new --output"
             )
-            info.setdefault("started_at", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-            write_run_info(self.run_dir, info)
-            ckpt.remove_incomplete(self.run_dir)
-        return broadcast_object(info, self.dist)
 
-    def total_steps(self, sampler: MixtureSampler) -> int:
-        t = self.recipe.train
-        steps = max(1, math.ceil(t.epochs * sampler.samples_per_epoch / t.global_batch_size))
-        return min(steps, t.max_steps) if t.max_steps else steps
+    def _trainer_state(self, step, total, sampler, scheduler, guard, counters) -> dict[str, Any]:
+        # The recipe travels with the checkpoint (a resume refuses a changed one, _check_resume).
+        return {
+            "recipe": self.recipe.model_dump(mode="json"),
+            **super()._trainer_state(step, total, sampler, scheduler, guard, counters),
+            "data_position": step * self.recipe.train.global_batch_size,
+        }
 
     # ------------------------------------------------------------------ run
 
@@ -232,10 +187,7 @@ class Trainer:
         info = self._prepare_run_dir()
         if info.get("status") == "finished":
             self._log(f"{self.run_dir} already finished ({info.get('steps')} steps): nothing to do")
-            from orion_mllm.train.metrics import read_metrics
-
-            metrics = read_metrics(self.run_dir) if d.is_main else []
-            last = metrics[-1] if metrics else {}
+            last = self._last_record({})
             return TrainResult(
                 self.run_dir,
                 self.run_dir / FINAL_MODEL,
@@ -275,33 +227,9 @@ class Trainer:
         )
         sources, sampler = open_mixture(r)
         total = self.total_steps(sampler)
-        schedule = LRSchedule(o.max_lr, o.min_lr, o.scheduler, o.warmup_ratio, total)
-        scheduler = build_scheduler(optimizer, schedule)
-        guard = AnomalyGuard(**r.anomaly.model_dump())
+        scheduler, guard = self._schedule(optimizer, total)
         counters = {"skipped_samples": 0, "seen_samples": 0, "tokens": 0}
-        start = 0
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is not None:
-            state = json.loads((latest[1] / ckpt.TRAINER_STATE).read_text())  # check before loading
-            changed = recipe_changes(state.get("recipe", {}), r.model_dump(mode="json"))
-            if changed:
-                raise ValueError(
-                    f"{self.run_dir} was started with a different recipe ({', '.join(changed)} changed); "
-                    "resume with the original values or train into a new --output"
-                )
-            sampler.check_state(state["sampler"])
-            if state["total_steps"] != total:
-                raise ValueError(
-                    f"{latest[1]}: made for a {state['total_steps']}-step run, this one has {total} steps "
-                    "(epochs, batch size, max_steps or data changed); use a new --output"
-                )
-            state = ckpt.load_checkpoint(latest[1], model, optimizer, d)
-            start = state["step"]
-            scheduler.load_state_dict(state["scheduler"])
-            guard.load_state_dict(state["guard"])
-            counters.update(state["counters"])
-            self._log(f"resumed from {latest[1]} (step {start}/{total})")
-        self._reload_bad(start)
+        start = self._resume(model, optimizer, sampler, scheduler, guard, counters, total)
         loader = StepLoader(
             sources,
             sampler,
@@ -323,78 +251,38 @@ class Trainer:
             f"{d.world_size} process(es) "
             f"on {d.device.type}, {n_train:,} trainable parameters, run dir {self.run_dir}"
         )
-        logger = MetricsLogger(
-            self.run_dir,
-            start_step=start,
-            total_steps=total,
-            enabled=d.is_main,
-            log_every=r.train.log_every,
-            tensorboard=self.tensorboard,
-            description=f"stage {r.stage}",
-        )
         prefetch = Prefetcher(loader)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
-        last: dict[str, Any] = {}
         self.model, self.optimizer, self.teacher = model, optimizer, teacher
+
+        def step_fn(step: int, lr: float, t0: float) -> dict[str, Any]:
+            data = prefetch.get(step, step + 1 if step + 1 < total else None)
+            record = self._train_step(step, data, model, teacher, optimizer, trainable, guard, autocast)
+            counters["skipped_samples"] += record["skipped_samples_step"]
+            counters["seen_samples"] += record["seen_samples_step"]
+            counters["tokens"] += record["tokens"]
+            self._record_bad(step, record.pop("bad"))
+            if probe is not None and (step % r.drift.every == 0 or step + 1 == total):
+                record["drift_kl"] = self._measure_drift(model, teacher, probe, autocast)
+            record.update(
+                lr=lr,
+                tokens_per_s=record["tokens"] / max(time.time() - t0, 1e-9),
+                skipped_steps=guard.skipped,
+                skipped_samples=counters["skipped_samples"],
+            )
+            return record
+
         try:
-            for step in range(start, total):
-                t0 = time.time()
-                lr = optimizer.param_groups[0]["lr"]  # what this step's update uses
-                data = prefetch.get(step, step + 1 if step + 1 < total else None)
-                record = self._train_step(step, data, model, teacher, optimizer, trainable, guard, autocast)
-                with warnings.catch_warnings():  # a skipped step still advances the schedule
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
-                counters["skipped_samples"] += record["skipped_samples_step"]
-                counters["seen_samples"] += record["seen_samples_step"]
-                counters["tokens"] += record["tokens"]
-                self._record_bad(step, record.pop("bad"))
-                if probe is not None and (step % r.drift.every == 0 or step + 1 == total):
-                    record["drift_kl"] = self._measure_drift(model, teacher, probe, autocast)
-                record.update(
-                    lr=lr,
-                    tokens_per_s=record["tokens"] / max(time.time() - t0, 1e-9),
-                    skipped_steps=guard.skipped,
-                    skipped_samples=counters["skipped_samples"],
-                )
-                logger.log(record)
-                last = record
-                self._check_bad_share(counters)
-                if (step + 1) % r.checkpoint.every == 0 or step + 1 == total:
-                    state = {
-                        "recipe": r.model_dump(mode="json"),
-                        "step": step + 1,
-                        "total_steps": total,
-                        "sampler": sampler.state_dict(),
-                        "data_position": (step + 1) * r.train.global_batch_size,
-                        "scheduler": scheduler.state_dict(),
-                        "guard": guard.state_dict(),
-                        "counters": counters,
-                    }
-                    path = ckpt.save_checkpoint(
-                        self.run_dir, step + 1, model, optimizer, state, d, keep=r.checkpoint.keep
-                    )
-                    logger.message(f"checkpoint {path}")
-                for cb in self.callbacks:
-                    cb(self, step, record)
+            last = self._run_steps(
+                step_fn, module=model, optimizer=optimizer, scheduler=scheduler, guard=guard,
+                sampler=sampler, counters=counters, start=start, total=total, description=f"stage {r.stage}",
+            )  # fmt: skip
         finally:
             prefetch.close()
-            logger.close()
-        if not last and d.is_main:  # killed after the last checkpoint, before the export
-            from orion_mllm.train.metrics import read_metrics
-
-            done = read_metrics(self.run_dir)
-            last = done[-1] if done else {}
+        last = self._last_record(last)  # {} when killed after the last checkpoint, before the export
         final = self._export(model, info)
-        if d.is_main:
-            info = read_run_info(self.run_dir) or info
-            info.update(
-                status="finished",
-                steps=total,
-                finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            )
-            write_run_info(self.run_dir, info)
-            self._log(f"exported {final}")
+        self._mark_finished(info, total)
+        self._log(f"exported {final}")
         barrier(d)
         return TrainResult(self.run_dir, final, total, guard.skipped, counters["skipped_samples"], last)
 
@@ -414,11 +302,11 @@ class Trainer:
                 return None
         source = open_dataset(entry, r.data_root)
         records = [source.get(i).record for i in range(min(r.drift.samples, len(source)))]
-        try:
-            return DriftProbe.from_records(model, records).batches
-        except ValueError:  # e.g. ShapesWorld data written with n_heldout: 0
+        batches = probe_batches(model, records)
+        if not batches:  # e.g. ShapesWorld data written with n_heldout: 0
             self._log(f"drift probe off: {source!r} holds no generated images to probe")
             return None
+        return batches
 
     def _measure_drift(self, model, teacher, probe: list[Batch], autocast) -> float:
         """KL(base || model) of the text head at the probe's visual positions (the KL term itself, run
@@ -503,49 +391,6 @@ class Trainer:
         )
         record.update(result)
         return record
-
-    # ------------------------------------------------------------------ bad data
-
-    def _gather_bad(self, bad: list[BadSample]) -> list[BadSample]:
-        if not self.dist.distributed:
-            return list(bad)
-        import torch.distributed as dist
-
-        gathered: list[list[BadSample]] = [[] for _ in range(self.dist.world_size)]
-        dist.all_gather_object(gathered, list(bad))
-        return [b for part in gathered for b in part]
-
-    def _record_bad(self, step: int, bad: list[BadSample]) -> None:
-        if not bad or not self.dist.is_main:
-            return
-        with open(self.run_dir / BAD_SAMPLES_LOG, "a") as f:
-            for b in bad:
-                f.write(json.dumps({"step": step, "source": b.source, "reason": b.reason}) + "\n")
-                print(f"skipped sample {b.source}: {b.reason}", flush=True)
-        self.bad_seen = getattr(self, "bad_seen", []) + bad
-
-    def _reload_bad(self, start: int) -> None:
-        """On resume: drop log lines of steps that run again, and remember the earlier bad samples."""
-        path = self.run_dir / BAD_SAMPLES_LOG
-        if not self.dist.is_main or not path.is_file():
-            return
-        kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        kept = [x for x in kept if x.get("step", 0) < start]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(x) + "\n" for x in kept))
-        tmp.replace(path)
-        self.bad_seen = [BadSample(x["source"], x["reason"]) for x in kept]
-
-    def _check_bad_share(self, counters: dict[str, int]) -> None:
-        seen, bad = counters["seen_samples"], counters["skipped_samples"]
-        cap = self.recipe.train.max_bad_sample_share
-        if seen >= MIN_SAMPLES_FOR_BAD_CAP and bad > cap * seen:
-            examples = "; ".join(f"{b.source} ({b.reason})" for b in getattr(self, "bad_seen", [])[:5])
-            raise DataQualityError(
-                f"{bad} of {seen} samples ({bad / seen:.1%}) could not be read, more than "
-                f"train.max_bad_sample_share={cap:g}; e.g. {examples}; full list in "
-                f"{self.run_dir / BAD_SAMPLES_LOG}"
-            )
 
     # ------------------------------------------------------------------ export
 

@@ -84,7 +84,7 @@ def train_stage(recipe_file: Path, run_dir: Path, overrides: list[str]) -> Path:
     """Train (or resume, or skip if finished) one stage in this process; returns its exported model."""
     recipe = load_recipe(recipe_file, overrides)
     if isinstance(recipe, DecoderRecipe):
-        from orion_mllm.decoder.train import DecoderTrainer
+        from orion_mllm.train.decoder_trainer import DecoderTrainer
 
         return Path(DecoderTrainer(recipe, run_dir).run())
     from orion_mllm.train.trainer import Trainer

@@ -4,19 +4,17 @@ Each step reads its slice of the data mixture (the last image of every record: a
 target, an edit result, or an understanding input), renders it at the generation resolution,
 encodes it with the *frozen* vision tower of the encoder model (the base VLM: the same tokens ORION
 regresses), and trains the decoder to reconstruct the image from those tokens by flow matching
-(``decoder/flow.py``). It shares the training engine's parts: the mixture sampler, bad-record
-skipping, AdamW + schedule, the anomaly guard, DCP checkpoints with auto-resume, ``metrics.jsonl``,
-TensorBoard and the run directory layout; ``RUN/final`` is the decoder (EMA weights when enabled).
+(``decoder/flow.py``). It runs on the stage trainer's skeleton (``train/loop.py``): the run directory
+layout, the mixture sampler, bad-record skipping, AdamW + schedule, the anomaly guard, DCP checkpoints
+with auto-resume, ``metrics.jsonl`` and TensorBoard; ``RUN/final`` is the decoder (EMA weights when
+enabled). The decoder package itself holds only the network, the sampler, the coarse fit and conversion.
 
 One process (the decoder is small next to the LLM); multi-process decoder training is not built.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import os
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -36,23 +34,11 @@ from orion_mllm.images import ImageLoadError, load_image, resize_for_generation
 from orion_mllm.model.backbone import build_backbone, encode_images, load_backbone
 from orion_mllm.sequence import ConversationError, ImagePart
 from orion_mllm.train import checkpoint as ckpt
-from orion_mllm.train.anomaly import AnomalyGuard
-from orion_mllm.train.batches import open_mixture
+from orion_mllm.train.batches import BadSample, open_mixture
 from orion_mllm.train.distributed import init_distributed
-from orion_mllm.train.metrics import MetricsLogger, read_metrics
-from orion_mllm.train.recipe import DecoderRecipe, recipe_to_yaml
-from orion_mllm.train.schedule import LRSchedule, build_scheduler
-from orion_mllm.train.setup import (
-    FINAL_MODEL,
-    SetupError,
-    ensure_shapes_data,
-    read_run_info,
-    recipe_image_spec,
-    write_run_info,
-)
-from orion_mllm.train.trainer import param_groups
-
-BAD_SAMPLES_LOG = "skipped_samples.jsonl"
+from orion_mllm.train.loop import RunLoop, param_groups
+from orion_mllm.train.recipe import DecoderRecipe
+from orion_mllm.train.setup import FINAL_MODEL, SetupError, read_run_info, recipe_image_spec
 
 
 def resolve_encoder(recipe: DecoderRecipe, run_dir: Path) -> str:
@@ -113,7 +99,7 @@ def last_image(record: dict[str, Any], where: str):
     return images[-1]
 
 
-class DecoderTrainer:
+class DecoderTrainer(RunLoop):
     def __init__(
         self, recipe: DecoderRecipe, run_dir: str | Path, *, tensorboard: bool = True, callbacks=None
     ):
@@ -125,7 +111,10 @@ class DecoderTrainer:
         if self.dist.distributed:
             raise SetupError("decoder training runs in one process (drop --nproc / torchrun)")
 
-    def _images(self, sources, picks) -> tuple[list, list[dict[str, str]]]:
+    def _run_fields(self, old: dict[str, Any] | None) -> dict[str, Any]:
+        return {"encoder": old["encoder"] if old else resolve_encoder(self.recipe, self.run_dir)}
+
+    def _images(self, sources, picks) -> tuple[list, list[BadSample]]:
         images, bad = [], []
         for dataset, index in picks:
             src = sources[dataset]
@@ -136,7 +125,7 @@ class DecoderTrainer:
                 img = load_image(last_image(raw.record, where), where=where)
                 images.append(resize_for_generation(img, self.encoder.spec))
             except (DataError, ConversationError, ImageLoadError, OSError) as err:
-                bad.append({"source": where, "reason": f"{type(err).__name__}: {err}"})
+                bad.append(BadSample(where, f"{type(err).__name__}: {err}"))
         return images, bad
 
     def _pixels(self, images: list) -> torch.Tensor:
@@ -164,21 +153,13 @@ class DecoderTrainer:
             flush=True,
         )
 
-    def run(self):
+    def run(self) -> Path:
         r, d = self.recipe, self.dist
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ensure_shapes_data(r, progress=os.isatty(2))
-        old = read_run_info(self.run_dir)
-        if old and old.get("status") == "finished" and (self.run_dir / FINAL_MODEL).is_dir():
-            print(f"{self.run_dir} already finished: nothing to do", flush=True)
+        info = self._prepare_run_dir()
+        if info.get("status") == "finished":
+            self._log(f"{self.run_dir} already finished: nothing to do")
             return self.run_dir / FINAL_MODEL
-        encoder_path = old["encoder"] if old else resolve_encoder(r, self.run_dir)
-        (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(r))
-        info = dict(old or {})
-        info.update(stage="decoder", encoder=encoder_path, status="running", final_model=FINAL_MODEL)
-        info.setdefault("started_at", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-        write_run_info(self.run_dir, info)
-        ckpt.remove_incomplete(self.run_dir)
+        encoder_path = info["encoder"]
 
         torch.manual_seed(r.train.seed)
         self.encoder = TokenEncoder(encoder_path, r, d.device)
@@ -187,8 +168,6 @@ class DecoderTrainer:
             r.decoder.preset, token_dim=self.encoder.token_dim, num_tokens=spec.gen_num_tokens,
             image_size=spec.gen_image_size,
         )  # fmt: skip
-        import dataclasses
-
         extra = {
             "encoder": encoder_path,
             "time_shift": r.decoder.time_shift,
@@ -218,107 +197,59 @@ class DecoderTrainer:
             param_groups(decoder, o.weight_decay), lr=o.max_lr, betas=o.betas, eps=o.eps
         )
         g = r.train.global_batch_size
-        total = max(1, math.ceil(r.train.epochs * sampler.samples_per_epoch / g))
-        total = min(total, r.train.max_steps) if r.train.max_steps else total
-        schedule = LRSchedule(o.max_lr, o.min_lr, o.scheduler, o.warmup_ratio, total)
-        scheduler = build_scheduler(optimizer, schedule)
-        guard = AnomalyGuard(**r.anomaly.model_dump())
+        total = self.total_steps(sampler)
+        scheduler, guard = self._schedule(optimizer, total)
         counters = {"skipped_samples": 0, "seen_samples": 0}
-        start = 0
-        if latest is not None:
-            saved = ckpt.load_checkpoint(latest[1], state, optimizer, d)
-            sampler.check_state(saved["sampler"])
-            if saved["total_steps"] != total:
-                raise ValueError(f"{latest[1]}: made for {saved['total_steps']} steps, this run has {total}")
-            start = saved["step"]
-            scheduler.load_state_dict(saved["scheduler"])
-            guard.load_state_dict(saved["guard"])
-            counters.update(saved["counters"])
-            print(f"resumed from {latest[1]} (step {start}/{total})", flush=True)
-        print(
+        start = self._resume(state, optimizer, sampler, scheduler, guard, counters, total)
+        self._log(
             f"decoder ({r.decoder.preset}, {sum(p.numel() for p in trainable):,} parameters, "
-            f"{cfg.grid * cfg.grid} patches + {cfg.num_tokens} tokens): {total} steps of {g} images",
-            flush=True,
+            f"{cfg.grid * cfg.grid} patches + {cfg.num_tokens} tokens): {total} steps of {g} images"
         )
-        logger = MetricsLogger(
-            self.run_dir, start_step=start, total_steps=total, log_every=r.train.log_every,
-            tensorboard=self.tensorboard, description="decoder",
-        )  # fmt: skip
+
         # The flow-matching noise/time draws of step s come from (seed, s): resume-exact.
-        last: dict[str, Any] = {}
-        try:
-            for step in range(start, total):
-                t0 = time.time()
-                lr = optimizer.param_groups[0]["lr"]
-                images, bad = self._images(sources, sampler.take(step * g, g))
-                counters["skipped_samples"] += len(bad)
-                counters["seen_samples"] += len(bad) + len(images)
-                if bad:
-                    with open(self.run_dir / BAD_SAMPLES_LOG, "a") as f:
-                        for b in bad:
-                            f.write(json.dumps({"step": step, **b}) + "\n")
-                optimizer.zero_grad(set_to_none=True)
-                loss_value, grad_norm, skipped = float("nan"), None, True
-                if images:
-                    tokens = self.encoder(images)
-                    with torch.no_grad():
-                        latents = decoder.encode_images(self._pixels(images))
-                    gen = torch.Generator().manual_seed(r.train.seed * 1_000_003 + step)
-                    loss = flow_matching_loss(
-                        decoder, latents, tokens, cond_dropout=r.decoder.cond_dropout,
-                        shift=r.decoder.time_shift, loss_space=r.decoder.loss_space, generator=gen,
-                    )  # fmt: skip
-                    loss.backward()
-                    loss_value = float(loss.detach())
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip))
-                    skipped = guard.check(loss_value, grad_norm, step=step)
-                    if skipped:
-                        optimizer.zero_grad(set_to_none=True)
-                    else:
-                        optimizer.step()
-                        if "ema" in state:
-                            state["ema"].update_parameters(decoder)
+        def step_fn(step: int, lr: float, t0: float) -> dict[str, Any]:
+            images, bad = self._images(sources, sampler.take(step * g, g))
+            counters["skipped_samples"] += len(bad)
+            counters["seen_samples"] += len(bad) + len(images)
+            self._record_bad(step, bad)
+            optimizer.zero_grad(set_to_none=True)
+            loss_value, grad_norm, skipped = float("nan"), None, True
+            if images:
+                tokens = self.encoder(images)
+                with torch.no_grad():
+                    latents = decoder.encode_images(self._pixels(images))
+                gen = torch.Generator().manual_seed(r.train.seed * 1_000_003 + step)
+                loss = flow_matching_loss(
+                    decoder, latents, tokens, cond_dropout=r.decoder.cond_dropout,
+                    shift=r.decoder.time_shift, loss_space=r.decoder.loss_space, generator=gen,
+                )  # fmt: skip
+                loss.backward()
+                loss_value = float(loss.detach())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip))
+                skipped = guard.check(loss_value, grad_norm, step=step)
+                if skipped:
+                    optimizer.zero_grad(set_to_none=True)
                 else:
-                    guard.skipped += 1
-                scheduler.step()
-                seconds = max(time.time() - t0, 1e-9)
-                record = {
-                    "step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
-                    "samples": len(images), "tokens_per_s": len(images) * cfg.grid**2 / seconds,
-                    "images_per_s": len(images) / seconds, "padding_share": 0.0,
-                    "skipped_steps": guard.skipped, "skipped_samples": counters["skipped_samples"],
-                    "ce": None, "mse": loss_value, "kl": None,
-                }  # fmt: skip
-                logger.log(record)
-                last = record
-                seen, nbad = counters["seen_samples"], counters["skipped_samples"]
-                if seen >= 50 and nbad > r.train.max_bad_sample_share * seen:
-                    raise DataError(
-                        f"{nbad} of {seen} images could not be read (> train.max_bad_sample_share="
-                        f"{r.train.max_bad_sample_share:g}); see {self.run_dir / BAD_SAMPLES_LOG}"
-                    )
-                if (step + 1) % r.checkpoint.every == 0 or step + 1 == total:
-                    saved_state = {
-                        "step": step + 1, "total_steps": total, "sampler": sampler.state_dict(),
-                        "scheduler": scheduler.state_dict(), "guard": guard.state_dict(),
-                        "counters": counters,
-                    }  # fmt: skip
-                    ckpt.save_checkpoint(
-                        self.run_dir, step + 1, state, optimizer, saved_state, d, keep=r.checkpoint.keep
-                    )
-                for cb in self.callbacks:
-                    cb(self, step, record)
-        finally:
-            logger.close()
-        final_model = state["ema"].module if "ema" in state else decoder
-        final = self.run_dir / FINAL_MODEL
-        final_model.save_pretrained(final)
-        info = read_run_info(self.run_dir) or info
-        done = read_metrics(self.run_dir)
-        info.update(
-            status="finished", steps=total, last=last or (done[-1] if done else {}),
-            finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    optimizer.step()
+                    if "ema" in state:
+                        state["ema"].update_parameters(decoder)
+            else:
+                guard.skipped += 1
+            seconds = max(time.time() - t0, 1e-9)
+            return {
+                "step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
+                "samples": len(images), "tokens_per_s": len(images) * cfg.grid**2 / seconds,
+                "images_per_s": len(images) / seconds, "padding_share": 0.0,
+                "skipped_steps": guard.skipped, "skipped_samples": counters["skipped_samples"],
+                "ce": None, "mse": loss_value, "kl": None,
+            }  # fmt: skip
+
+        last = self._run_steps(
+            step_fn, module=state, optimizer=optimizer, scheduler=scheduler, guard=guard, sampler=sampler,
+            counters=counters, start=start, total=total, description="decoder",
         )  # fmt: skip
-        write_run_info(self.run_dir, info)
-        print(f"exported {final}", flush=True)
+        final = self.run_dir / FINAL_MODEL
+        (state["ema"].module if "ema" in state else decoder).save_pretrained(final)
+        self._mark_finished(info, total, last=self._last_record(last))
+        self._log(f"exported {final}")
         return final

@@ -1,0 +1,24 @@
+"""One entry of a recipe's ``data`` list: which file, in which format, for which task, how often.
+
+Recipes (``orion_mllm.train.recipe``) validate their ``data`` section into ``DatasetEntry`` objects and
+``orion_mllm.data.sources.open_dataset`` opens one; it lives here, with the readers, so that the data
+layer does not depend on the training layer above it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DatasetEntry(BaseModel):
+    # Strict like every recipe section: an unknown key or a wrong type is an error naming the key.
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    name: str
+    path: str = Field(description="a .jsonl file, a caption list (.txt/.jsonl) or a webdataset shard pattern")
+    format: Literal["conversations", "captions", "webdataset"] = "conversations"
+    task: Literal["understanding", "generation", "editing", "mixed"]
+    weight: float = Field(gt=0, description="relative sampling weight within the mixture")
+    image_root: str | None = None
