@@ -83,13 +83,14 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="ShapesWorld training data root (gen.jsonl)")
     ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--gen-every", type=int, default=4, help="score every k-th shapes-gen prompt (0: skip)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="token-space CFG weight for free running")
     ap.add_argument("--out", default=None, help="where shapes-gen images go (default: a temp folder)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
     pipe = OrionPipeline.load(args.model, image_separator="\n")
     records = distinct_records(Path(args.data), args.records)
-    result: dict = {"model": args.model, "records": len(records)}
+    result: dict = {"model": args.model, "records": len(records), "guidance": args.guidance}
 
     pred, true = teacher_forced(pipe, records)
     pred_swapped, _ = teacher_forced(pipe, swap_captions(records))
@@ -99,7 +100,7 @@ def main() -> None:
     result["tf_mse_swapped_captions"] = ((pred_swapped - true) ** 2).mean().item()
 
     captions = [r["conversations"][0]["value"] for r in records]
-    free = torch.stack(regress_tokens(pipe, captions, progress=False)).float()
+    free = torch.stack(regress_tokens(pipe, captions, progress=False, guidance=args.guidance)).float()
     own = ((free - true) ** 2).mean((1, 2))
     cross = ((free[:, None] - true[None]) ** 2).mean((2, 3))  # [R outputs, R targets]
     other = (cross.sum(1) - cross.diagonal()) / (len(records) - 1)
@@ -115,7 +116,7 @@ def main() -> None:
     if args.gen_every and pipe.decoder is not None:
         prompts = prompt_set()[:: args.gen_every]
         out = Path(args.out or f"/tmp/prompt_dependence_{int(t0)}") / "shapes-gen"
-        scores = eval_generation(pipe, out, prompts=prompts, progress=False)
+        scores = eval_generation(pipe, out, prompts=prompts, progress=False, guidance=args.guidance)
         result["shapes_gen_subset"] = {k: round(v, 4) for k, v in scores.items()}
         result["shapes_gen_prompts"] = len(prompts)
     result["seconds"] = round(time.time() - t0, 1)

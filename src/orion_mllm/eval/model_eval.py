@@ -163,24 +163,26 @@ def render_tokens(
 def generate_images(
     pipe: OrionPipeline, requests: Sequence[str], *, sources: Sequence[Image.Image] | None = None,
     batch_size: int = 32, seed: int = 0, progress: bool = True, desc: str = "generating",
+    guidance: float = 1.0,
 ) -> list[Image.Image]:  # fmt: skip
     """One image per request (an edit of ``sources[k]`` when given): regress tokens, then render."""
     tokens = regress_tokens(
-        pipe, requests, sources=sources, batch_size=batch_size, seed=seed, progress=progress, desc=desc
-    )
+        pipe, requests, sources=sources, batch_size=batch_size, seed=seed, progress=progress, desc=desc,
+        guidance=guidance,
+    )  # fmt: skip
     return render_tokens(pipe, tokens, batch_size=batch_size, seed=seed)
 
 
 def eval_generation(
     pipe: OrionPipeline, outdir: str | Path, *, prompts: Sequence[GenPrompt] | None = None,
-    batch_size: int = 32, seed: int = 0, progress: bool = True,
+    batch_size: int = 32, seed: int = 0, progress: bool = True, guidance: float = 1.0,
 ) -> dict[str, float]:  # fmt: skip
     """``shapes-gen``: one image per prompt written in GenEval's layout under ``outdir``, then scored."""
     outdir = Path(outdir)
     prompts = list(prompts if prompts is not None else prompt_set())
     images = generate_images(
         pipe, [p.prompt for p in prompts], batch_size=batch_size, seed=seed, progress=progress,
-        desc="shapes-gen",
+        desc="shapes-gen", guidance=guidance,
     )  # fmt: skip
     for p, image in zip(prompts, images, strict=True):
         folder = outdir / f"{p.index:05d}"
@@ -192,14 +194,14 @@ def eval_generation(
 
 def eval_editing(
     pipe: OrionPipeline, records: Sequence[dict[str, Any]], root: str | Path, *, batch_size: int = 32,
-    seed: int = 0, progress: bool = True, save_dir: str | Path | None = None,
+    seed: int = 0, progress: bool = True, save_dir: str | Path | None = None, guidance: float = 1.0,
 ) -> dict[str, float]:  # fmt: skip
     """``shapes-edit`` accuracy per operation and ``overall``; edited images saved to ``save_dir``."""
     root = Path(root)
     sources = [load_image(root / r["images"][0]) for r in records]
     edited = generate_images(
         pipe, [r["instruction"] for r in records], sources=sources, batch_size=batch_size, seed=seed,
-        progress=progress, desc="shapes-edit",
+        progress=progress, desc="shapes-edit", guidance=guidance,
     )  # fmt: skip
     by_source = {root / r["images"][0]: im for r, im in zip(records, edited, strict=True)}
     if save_dir is not None:
@@ -211,14 +213,10 @@ def eval_editing(
     return score_edits(records, root, edit_fn)
 
 
-def eval_interleaved(
-    pipe: OrionPipeline, records: Sequence[dict[str, Any]], *, batch_size: int = 32, progress: bool = True,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:  # fmt: skip
-    """Generate-then-ask dialogues (``interleaved.jsonl``): the model draws the prompt's image, then is
-    asked about it with its own predicted tokens in context (paper 4.3, zero-shot: no training
-    dialogue mixes the two). Returns the answer accuracy and, per record, what was said."""
-    prompts = [r["conversations"][0]["value"] for r in records]
-    tokens = regress_tokens(pipe, prompts, batch_size=batch_size, progress=progress, desc="interleaved")
+def _answers_about_drawings(
+    pipe: OrionPipeline, records: Sequence[dict[str, Any]], tokens: Sequence[torch.Tensor], batch_size: int
+) -> list[str]:
+    """Each record's question asked with ``tokens[k]`` in context as the model's own drawing."""
     sampling = SamplingConfig(max_new_tokens=16, allow_images=False)
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
@@ -232,13 +230,37 @@ def eval_interleaved(
         with torch.no_grad():
             outs = pipe.engine.generate(asks, sampling)
         answers.extend(pipe.reply_from(o).text.strip() for o in outs)
+    return answers
+
+
+def eval_interleaved(
+    pipe: OrionPipeline, records: Sequence[dict[str, Any]], *, batch_size: int = 32, progress: bool = True,
+    guidance: float = 1.0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:  # fmt: skip
+    """Generate-then-ask dialogues (``interleaved.jsonl``): the model draws the prompt's image, then is
+    asked about it with its own predicted tokens in context (paper 4.3, zero-shot: no training
+    dialogue mixes the two). Returns the answer accuracy and, per record, what was said.
+
+    The control ``overall_swapped`` asks the same questions with each drawing replaced by the next
+    dialogue's: if the answers come from the picture, accuracy drops; if they come from the prompt's
+    words (which stay in context), it does not."""
+    prompts = [r["conversations"][0]["value"] for r in records]
+    tokens = regress_tokens(
+        pipe, prompts, batch_size=batch_size, progress=progress, desc="interleaved", guidance=guidance
+    )
+    answers = _answers_about_drawings(pipe, records, tokens, batch_size)
+    swapped = list(tokens[1:]) + list(tokens[:1])
+    swapped_answers = _answers_about_drawings(pipe, records, swapped, batch_size)
     dialogues = [
         {"id": r["id"], "prompt": r["conversations"][0]["value"], "question": r["conversations"][2]["value"],
-         "answer": a, "gold": r["answer"], "right": normalise(a) == normalise(r["answer"]), "tokens": t}
-        for r, a, t in zip(records, answers, tokens, strict=True)
+         "answer": a, "gold": r["answer"], "right": normalise(a) == normalise(r["answer"]),
+         "answer_swapped": sa, "right_swapped": normalise(sa) == normalise(r["answer"]), "tokens": t}
+        for r, a, sa, t in zip(records, answers, swapped_answers, tokens, strict=True)
     ]  # fmt: skip
-    accuracy = sum(d["right"] for d in dialogues) / len(dialogues) if dialogues else 0.0
-    return {"overall": accuracy, "dialogues": len(dialogues)}, dialogues
+    n = len(dialogues)
+    accuracy = sum(d["right"] for d in dialogues) / n if n else 0.0
+    accuracy_swapped = sum(d["right_swapped"] for d in dialogues) / n if n else 0.0
+    return {"overall": accuracy, "overall_swapped": accuracy_swapped, "dialogues": n}, dialogues
 
 
 __all__ = [

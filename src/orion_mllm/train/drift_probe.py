@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.sequence import Batch, attach_visual_tokens, collate
 
@@ -28,7 +29,7 @@ def probe_batches(
     with torch.no_grad():
         for i, record in enumerate(records):
             try:
-                enc = builder.encode(record, record_id=str(record.get("id", i)))
+                enc = encode_record(builder, record, record_id=str(record.get("id", i)))
             except (ValueError, OSError):  # an unreadable image or bad record: probe the others
                 continue
             if enc.visual_positions.numel() == 0:  # no generated image: nothing to probe
