@@ -180,6 +180,18 @@ def test_images_generate_and_edit_return_pngs(client):
             "use 'b64_json'",
         ),
         (
+            "/v1/images/generations",
+            {"json": {"model": "orion-micro", "prompt": "x", "guidance": "strong"}},
+            400,
+            "guidance: 'strong' is not a number",
+        ),
+        (
+            "/v1/images/generations",
+            {"json": {"model": "orion-micro", "prompt": "x", "guidance": -2}},
+            400,
+            "guidance: -2 is outside 0..20",
+        ),
+        (
             "/v1/images/edits",
             {"files": {"image": ("a.txt", b"plain text", "text/plain")}, "data": {"prompt": "x"}},
             400,
@@ -243,3 +255,17 @@ def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(pipeline):
         assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"
     finally:
         srv.stop()
+
+
+def test_image_guidance_parameter_reaches_the_engine(server, pipeline):
+    """``guidance`` (token-space CFG) changes the image; 1 equals the default of this untrained model."""
+    body = {"model": "orion-micro", "prompt": "a blue square", "seed": 3}
+
+    def png(**extra) -> str:
+        r = httpx.post(f"{server.url}/v1/images/generations", json={**body, **extra}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"]
+
+    assert pipeline.default_guidance == 1.0
+    assert png() == png(guidance=1)
+    assert png(guidance=4) != png()

@@ -153,10 +153,11 @@ def text_options(p: argparse.ArgumentParser, max_new: int, temperature: float) -
     p.add_argument("--top-p", type=float, default=1.0)
 
 
-def _guidance(args: argparse.Namespace) -> float:
+def _guidance(args: argparse.Namespace) -> float | None:
+    """``--guidance``, checked; None: the model's own default (its orion_config.json)."""
     if args.guidance is not None and not args.guidance >= 0:
         raise ValueError(f"--guidance {args.guidance}: must be >= 0 (1: no guidance)")
-    return 1.0 if args.guidance is None else args.guidance
+    return args.guidance
 
 
 def system_option(p: argparse.ArgumentParser) -> None:
@@ -169,7 +170,7 @@ def render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=float, default=None,
         help="token-space classifier-free guidance w: v_u + w (v_c - v_u) against the request-less "
-        "prediction (1: none; models trained with train.prompt_dropout)",
+        "prediction (1: none; default: the model's own, set by its training recipe)",
     )  # fmt: skip
     system_option(p)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps (default: the decoder's)")

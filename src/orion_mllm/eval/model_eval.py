@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from orion_mllm.data.shapes.datasets import write_shapes_dataset
+from orion_mllm.data.shapes.scorer import score_images
 from orion_mllm.eval.shapes_gen import GenPrompt, prompt_set, score_folder
 from orion_mllm.eval.shapes_und_edit import normalise, score_edits, score_understanding
 from orion_mllm.images import load_image
@@ -131,7 +132,7 @@ def eval_understanding(
 def regress_tokens(
     pipe: OrionPipeline, requests: Sequence[str], *, sources: Sequence[Image.Image] | None = None,
     batch_size: int = 32, seed: int = 0, progress: bool = True, desc: str = "regressing",
-    guidance: float = 1.0,
+    guidance: float | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """The visual tokens [N, d] of one image per request (an edit of ``sources[k]`` when given)."""
     tokens: list[torch.Tensor] = []
@@ -163,7 +164,7 @@ def render_tokens(
 def generate_images(
     pipe: OrionPipeline, requests: Sequence[str], *, sources: Sequence[Image.Image] | None = None,
     batch_size: int = 32, seed: int = 0, progress: bool = True, desc: str = "generating",
-    guidance: float = 1.0,
+    guidance: float | None = None,
 ) -> list[Image.Image]:  # fmt: skip
     """One image per request (an edit of ``sources[k]`` when given): regress tokens, then render."""
     tokens = regress_tokens(
@@ -173,11 +174,21 @@ def generate_images(
     return render_tokens(pipe, tokens, batch_size=batch_size, seed=seed)
 
 
+def training_captions(gen_jsonl: str | Path) -> set[str]:
+    """The captions a ShapesWorld generation file trains on (its records' ``caption`` field)."""
+    return {r["caption"] for r in read_jsonl(gen_jsonl) if "caption" in r}
+
+
 def eval_generation(
     pipe: OrionPipeline, outdir: str | Path, *, prompts: Sequence[GenPrompt] | None = None,
-    batch_size: int = 32, seed: int = 0, progress: bool = True, guidance: float = 1.0,
-) -> dict[str, float]:  # fmt: skip
-    """``shapes-gen``: one image per prompt written in GenEval's layout under ``outdir``, then scored."""
+    batch_size: int = 32, seed: int = 0, progress: bool = True, guidance: float | None = None,
+    seen_captions: set[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``shapes-gen``: one image per prompt written in GenEval's layout under ``outdir``, then scored.
+
+    With ``seen_captions`` (the training captions) the prompts are also split by whether their caption
+    occurs verbatim in training: ``seen`` / ``unseen`` counts and ``unseen_scores`` (the same scorer on
+    the unseen prompts alone), so drawing can be told apart from recalling."""
     outdir = Path(outdir)
     prompts = list(prompts if prompts is not None else prompt_set())
     images = generate_images(
@@ -189,12 +200,21 @@ def eval_generation(
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(p.metadata(), sort_keys=True) + "\n")
         image.save(folder / "samples" / "0000.png")
-    return score_folder(outdir, progress=progress)
+    scores: dict[str, Any] = dict(score_folder(outdir, progress=progress))
+    if seen_captions is not None:
+        unseen = [(p.spec, im) for p, im in zip(prompts, images, strict=True)
+                  if p.prompt.removeprefix("a photo of ") not in seen_captions]  # fmt: skip
+        scores["seen"] = len(prompts) - len(unseen)
+        scores["unseen"] = len(unseen)
+        unseen_scores = score_images(unseen) if unseen else {}
+        unseen_scores.pop("n", None)
+        scores["unseen_scores"] = unseen_scores
+    return scores
 
 
 def eval_editing(
     pipe: OrionPipeline, records: Sequence[dict[str, Any]], root: str | Path, *, batch_size: int = 32,
-    seed: int = 0, progress: bool = True, save_dir: str | Path | None = None, guidance: float = 1.0,
+    seed: int = 0, progress: bool = True, save_dir: str | Path | None = None, guidance: float | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """``shapes-edit`` accuracy per operation and ``overall``; edited images saved to ``save_dir``."""
     root = Path(root)
@@ -235,7 +255,7 @@ def _answers_about_drawings(
 
 def eval_interleaved(
     pipe: OrionPipeline, records: Sequence[dict[str, Any]], *, batch_size: int = 32, progress: bool = True,
-    guidance: float = 1.0,
+    guidance: float | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:  # fmt: skip
     """Generate-then-ask dialogues (``interleaved.jsonl``): the model draws the prompt's image, then is
     asked about it with its own predicted tokens in context (paper 4.3, zero-shot: no training
@@ -276,4 +296,5 @@ __all__ = [
     "regress_tokens",
     "render_tokens",
     "session_from_turns",
+    "training_captions",
 ]

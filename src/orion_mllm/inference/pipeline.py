@@ -219,14 +219,19 @@ class OrionPipeline:
         sampling = sampling or SamplingConfig(allow_images=False)
         return self.reply(session, sampling).text
 
+    @property
+    def default_guidance(self) -> float:
+        """The token-space guidance the model was trained for (1.0 for plain Qwen2.5-VL directories)."""
+        return float(getattr(self.model.config, "guidance", 1.0))
+
     def image_tokens(
         self, prompt: str, *, n: int = 1, seed: int = 0, elaborate: bool = False, temperature: float = 1.0,
-        source: Image.Image | None = None, guidance: float = 1.0, system: str | None = None,
+        source: Image.Image | None = None, guidance: float | None = None, system: str | None = None,
     ) -> tuple[list[torch.Tensor], list[str]]:  # fmt: skip
         """Visual tokens of ``n`` images for a request (an edit when ``source`` is given), batched; with
         ``elaborate`` each first samples a detailed prompt (different per seed), giving diverse images;
-        ``guidance`` > 1 steers the tokens away from the caption-less prediction (token-space CFG).
-        ``system``: a system prompt for every prompt involved."""
+        ``guidance`` > 1 steers the tokens away from the caption-less prediction (token-space CFG;
+        None: the model's own default). ``system``: a system prompt for every prompt involved."""
         if not prompt.strip():
             raise ValueError("empty prompt")
         requests = [prompt] * n
@@ -247,12 +252,14 @@ class OrionPipeline:
 
     def image_prompts(
         self, requests: Sequence[str], *, seed: int = 0, sources: Sequence[Image.Image] | None = None,
-        guidance: float = 1.0, system: str | None = None,
+        guidance: float | None = None, system: str | None = None,
     ) -> list[Prompt]:  # fmt: skip
         """One prompt per request whose reply starts with an image (an edit of ``sources[k]`` when
         given); request k gets seed ``seed + k``. With ``guidance`` != 1 each prompt carries its
         unconditional twin: the same turn without the request's text (the source image and the system
-        prompt kept), which is what ``train.prompt_dropout`` trains the model on."""
+        prompt kept), which is what ``train.prompt_dropout`` trains the model on. ``guidance`` None: the
+        model's own default (``orion_config.json``)."""
+        guidance = self.default_guidance if guidance is None else guidance
         if sources is not None and len(sources) != len(requests):
             raise ValueError(f"{len(sources)} source images for {len(requests)} requests")
         prompts = []

@@ -62,6 +62,9 @@ class OrionConfig:
     image_spec: ImageSpec
     preset: str | None = None  # the architecture preset it was built from, if any
     base_model: str | None = None  # where the backbone came from (preset name or directory)
+    # Default token-space classifier-free guidance of image generation (1: none); a model trained
+    # with caption dropout records the weight chosen for it (recipe ``guidance``).
+    guidance: float = 1.0
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,11 +74,12 @@ class OrionConfig:
             "base_model": self.base_model,
             "head": self.head.to_dict(),
             "image_spec": self.image_spec.to_dict(),
+            "guidance": self.guidance,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = ORION_CONFIG_NAME) -> OrionConfig:
-        known = {"format_version", "preset", "base_model", "head", "image_spec"}
+        known = {"format_version", "preset", "base_model", "head", "image_spec", "guidance"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
@@ -92,6 +96,7 @@ class OrionConfig:
             image_spec=ImageSpec.from_dict(data["image_spec"]),
             preset=data.get("preset"),
             base_model=data.get("base_model"),
+            guidance=float(data.get("guidance", 1.0)),
             format_version=version,
         )
 

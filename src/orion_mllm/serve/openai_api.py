@@ -442,9 +442,23 @@ def create_api_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -
             raise ApiError(400, "this server has no decoder, so it cannot render images")
         return n
 
-    async def render_images(prompt: str, n: int, seed: int, source: Image.Image | None):
+    def guidance_param(value: Any) -> float | None:
+        """``guidance`` (an extension of OpenAI's image API): token-space CFG weight, >= 0."""
+        if value is None or value == "":
+            return None
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"guidance: {value!r} is not a number", param="guidance") from None
+        if not 0 <= w <= 20:
+            raise ApiError(400, f"guidance: {w:g} is outside 0..20 (1: no guidance)", param="guidance")
+        return w
+
+    async def render_images(
+        prompt: str, n: int, seed: int, source: Image.Image | None, guidance: float | None = None
+    ):
         sources = None if source is None else [source] * n
-        prompts = pipeline.image_prompts([prompt] * n, seed=seed, sources=sources)
+        prompts = pipeline.image_prompts([prompt] * n, seed=seed, sources=sources, guidance=guidance)
         for p in prompts:
             api.check_prompt_length(p, "prompt")
         images = await api.run("image", None, {"prompts": prompts, "seed": seed})
@@ -455,7 +469,8 @@ def create_api_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -
         body = await json_body(request)
         api.check_model(body.get("model", cfg.model_name))
         n = image_request(body.get("prompt"), body.get("n"), body.get("size"), body.get("response_format"))
-        return await render_images(body["prompt"], n, int(body.get("seed") or 0), None)
+        guidance = guidance_param(body.get("guidance"))
+        return await render_images(body["prompt"], n, int(body.get("seed") or 0), None, guidance)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
@@ -470,6 +485,7 @@ def create_api_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -
         data = await upload.read()
         source = api.decode_image(data, "image", upload.content_type)
         n = image_request(form.get("prompt"), form.get("n"), form.get("size"), form.get("response_format"))
-        return await render_images(str(form["prompt"]), n, int(form.get("seed") or 0), source)
+        guidance = guidance_param(form.get("guidance"))
+        return await render_images(str(form["prompt"]), n, int(form.get("seed") or 0), source, guidance)
 
     return app

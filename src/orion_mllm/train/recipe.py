@@ -197,6 +197,10 @@ class Recipe(RunRecipe):
     loss: LossWeights
     train: TrainSection
     drift: DriftSection = DriftSection()
+    guidance: float = Field(
+        1.0, ge=0, description="token-space classifier-free guidance the exported model generates with "
+        "by default (1: none; > 1 needs train.prompt_dropout in its training)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _stage_rules(self) -> Recipe:

@@ -429,6 +429,8 @@ class Trainer(RunLoop):
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         else:
+            # The token-space guidance the model is used with by default (recipe ``guidance``).
+            model.config = dataclasses.replace(model.config, guidance=self.recipe.guidance)
             model.save_pretrained(final)
 
 

@@ -174,6 +174,7 @@ class Ablation:
             model, run / "eval", data_root=self.base.eval_data, image_size=self.base.image_size,
             sizes=self.sizes, parts=("und", "gen", "edit", "drift"),
             base_dir=self.base.run_dir("stage0_base") / "final", progress=self.progress,
+            train_gen=self.base.train_data / "gen.jsonl",
         )  # fmt: skip
 
     def run(self) -> dict[str, Any]:

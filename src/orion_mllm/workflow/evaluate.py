@@ -24,6 +24,7 @@ from orion_mllm.eval.model_eval import (
     eval_set,
     eval_understanding,
     read_jsonl,
+    training_captions,
 )
 from orion_mllm.eval.shapes_gen import prompt_set
 from orion_mllm.inference.pipeline import OrionPipeline, load_model
@@ -80,8 +81,12 @@ def evaluate_model(
     base_dir: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 32,
+    train_gen: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``parts`` on ``model_dir``; results in ``out/<part>.json`` (and images under ``out``).
+
+    ``train_gen``: the model's generation training file; ``gen`` then also scores the prompts whose
+    caption never occurs in it (``unseen_scores``).
 
     ``image_size``: the ShapesWorld image side the model was trained on (the recipes' ``shapes_data``).
 
@@ -98,14 +103,14 @@ def evaluate_model(
         )
         root = evaluation_data(data_root, image_size, sizes, progress=progress)
         for part in todo:
-            result = _run_part(part, pipe, root, out, sizes, base_dir, progress, batch_size)
+            result = _run_part(part, pipe, root, out, sizes, base_dir, progress, batch_size, train_gen)
             _write_json(out / f"{part}.json", result)
     return {p: _cached(out / f"{p}.json") for p in parts}
 
 
 def _run_part(
     part: str, pipe: OrionPipeline, root: Path, out: Path, sizes: EvalSizes, base_dir, progress: bool,
-    batch_size: int,
+    batch_size: int, train_gen: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     if part == "und":
         records = read_jsonl(root / "und.jsonl")[: sizes.und]
@@ -116,7 +121,11 @@ def _run_part(
         folder = out / "gen"
         shutil.rmtree(folder, ignore_errors=True)
         prompts = prompt_set(per_category=sizes.gen_per_category)
-        return eval_generation(pipe, folder, prompts=prompts, batch_size=batch_size, progress=progress)
+        seen = training_captions(train_gen) if train_gen is not None else None
+        result = eval_generation(
+            pipe, folder, prompts=prompts, batch_size=batch_size, progress=progress, seen_captions=seen
+        )
+        return {**result, "guidance": pipe.default_guidance}
     if part == "edit":
         records = read_jsonl(root / "edit.jsonl")[: sizes.edit]
         return eval_editing(

@@ -189,7 +189,7 @@ class Quickstart:
             evaluate_model(
                 self.out / MODEL_DIR, self.out / "eval" / "final", data_root=self.eval_data,
                 image_size=self.image_size, sizes=self.sizes, base_dir=self.run_dir("stage0_base") / "final",
-                progress=self.progress,
+                progress=self.progress, train_gen=self.train_data / "gen.jsonl",
             )  # fmt: skip
         elif name == "report":
             from orion_mllm.workflow.report import write_report
@@ -201,6 +201,12 @@ class Quickstart:
     @property
     def eval_data(self) -> Path:
         return self.out / "data" / "eval"
+
+    @property
+    def train_data(self) -> Path:
+        """The ORION stages' ShapesWorld folder (its gen.jsonl tells which eval captions were seen)."""
+        recipe = load_recipe(recipe_path(self.preset, "stage2_pretrain"))
+        return self.out / "data" / Path(recipe.data_root or "shapes").name
 
     @property
     def image_size(self) -> int:
