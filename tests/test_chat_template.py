@@ -28,6 +28,7 @@ from PIL import Image
 from orion_mllm.chat_template import ChatTemplateError
 from orion_mllm.cli import main
 from orion_mllm.config import get_preset
+from orion_mllm.data.records import encode_record
 from orion_mllm.demo import draw_shape
 from orion_mllm.inference.chat import ChatRepl
 from orion_mllm.inference.engine import SamplingConfig
@@ -188,7 +189,8 @@ def test_system_prompt_reaches_chat_generate_and_edit(qwen, micro_model, tmp_pat
     orion = OrionPipeline(micro_model)
     tok = orion.engine.tokenizer
     for source in (None, IMAGES["a"]):
-        (prompt,) = orion.image_prompts(["a red circle"], system="Draw plainly.", source=source)
+        sources = None if source is None else [source]
+        (prompt,) = orion.image_prompts(["a red circle"], system="Draw plainly.", sources=sources)
         assert tok.decode(prompt.input_ids.tolist()).startswith("<|im_start|>system\nDraw plainly.<|im_end|>")
 
 
@@ -224,7 +226,7 @@ def test_custom_template_labels_exactly_the_assistant_tokens(micro_processor):
             ],
         },
     ]  # fmt: skip
-    enc = builder.encode(conv)
+    enc = encode_record(builder, conv)
     n_shown = (64 // spec.factor) * (48 // spec.factor)
     n_drawn = spec.gen_num_tokens
     assert enc.image_num_tokens.tolist() == [n_shown, n_drawn]
@@ -252,7 +254,7 @@ def test_custom_template_labels_exactly_the_assistant_tokens(micro_processor):
     first_pad = [k for k, i in enumerate(ids) if i == image_pad][n_shown]
     assert enc.visual_positions.tolist() == list(range(first_pad - 1, first_pad - 1 + n_drawn))
     # A prompt from the same template: no labels, ends with the template's generation prompt.
-    prompt = builder.encode(conv[:4], add_generation_prompt=True)
+    prompt = encode_record(builder, conv[:4], add_generation_prompt=True)
     assert tok.decode(prompt.input_ids.tolist()).endswith("<|endoftext|>\n### Assistant:\n")
     assert (prompt.labels == IGNORE_INDEX).all()
 
@@ -273,10 +275,10 @@ def test_generation_markers_give_the_same_labels(micro_processor, images):
         {"role": "assistant", "content": [{"type": "text", "text": "Sure:"},
                                           {"type": "image", "image": images["red_circle"]}]},
     ]  # fmt: skip
-    stock = _builder(micro_processor, QWEN2_5_VL_CHAT_TEMPLATE).encode(conv)
+    stock = encode_record(_builder(micro_processor, QWEN2_5_VL_CHAT_TEMPLATE), conv)
     builder = _builder(micro_processor, marked)
     assert builder.template.has_generation_markers
-    ours = builder.encode(conv)
+    ours = encode_record(builder, conv)
     assert torch.equal(ours.input_ids, stock.input_ids) and torch.equal(ours.labels, stock.labels)
     assert torch.equal(ours.visual_positions, stock.visual_positions)
 
@@ -290,9 +292,9 @@ def test_unsplittable_template_is_refused_naming_the_directory(micro_processor, 
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     message = f"chat template of {tmp_path / 'odd'} cannot be split into turns"
     with pytest.raises(ChatTemplateError, match=message):
-        builder.encode(conv)
+        encode_record(builder, conv)
     # Prompts need no split: inference still works with such a template.
-    prompt = builder.encode(conv[:1], add_generation_prompt=True)
+    prompt = encode_record(builder, conv[:1], add_generation_prompt=True)
     assert builder.tokenizer.decode(prompt.input_ids.tolist()).startswith("1 messages\n")
     # Image generation needs <|vision_start|> before a generated image's pads.
     bare = QWEN2_5_VL_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>")
@@ -301,7 +303,7 @@ def test_unsplittable_template_is_refused_naming_the_directory(micro_processor, 
         {"role": "assistant", "content": [{"type": "image", "image": images["red_circle"]}]},
     ]
     with pytest.raises(ChatTemplateError, match="does not write an assistant image"):
-        _builder(micro_processor, bare).encode(draw)
+        encode_record(_builder(micro_processor, bare), draw)
 
 
 def test_string_only_template_gets_string_content(micro_processor):
@@ -311,7 +313,8 @@ def test_string_only_template_gets_string_content(micro_processor):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     builder = _builder(micro_processor, template)
-    enc = builder.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    enc = encode_record(builder, conv)
     assert builder.tokenizer.decode(enc.input_ids.tolist()) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
     )
@@ -350,8 +353,8 @@ def test_stock_template_encodings_are_unchanged(micro_model):
     expected = json.loads(FIXTURE.read_text())
     builder = micro_model.sequence_builder()
     for conv, want in zip(stock_conversations(), expected, strict=True):
-        enc = builder.encode(conv)
+        enc = encode_record(builder, conv)
         assert enc.input_ids.tolist() == want["input_ids"]
         assert enc.labels.tolist() == want["labels"]
-        prompt = builder.encode(conv[:-1] if len(conv) > 1 else conv, add_generation_prompt=True)
+        prompt = encode_record(builder, conv[:-1] if len(conv) > 1 else conv, add_generation_prompt=True)
         assert prompt.input_ids.tolist() == want["prompt_ids"]
