@@ -54,11 +54,11 @@ STEPS = (
     Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 19, "tiny": 305}),
     Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 23, "tiny": 256}),
     Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 4, "tiny": 64}),
-    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 197}),
-    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 18, "tiny": 219}),
+    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 600}),
+    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 18, "tiny": 400}),
     Step("model", "final model directory (LLM + head + decoder)", {"micro": 1, "tiny": 1}),
     Step("eval_base", "evaluate the base model (understanding)", {"micro": 2, "tiny": 6}),
-    Step("eval_final", "evaluate the final model", {"micro": 4, "tiny": 45}),
+    Step("eval_final", "evaluate the final model", {"micro": 4, "tiny": 90}),
     Step("report", "report.md, metrics.json, figures", {"micro": 2, "tiny": 3}),
 )
 
