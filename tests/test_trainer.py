@@ -19,7 +19,8 @@ from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.anomaly import TrainingDiverged
 from orion_mllm.train.loop import DataQualityError
 from orion_mllm.train.metrics import read_metrics
-from orion_mllm.train.trainer import Trainer
+from orion_mllm.train.recipe import Recipe
+from orion_mllm.train.trainer import Trainer, recipe_changes
 from train_utils import RECIPES, REPO, checkpoint_format, losses, micro_recipe, run_python, trainer_script
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -121,7 +122,8 @@ _ck.write_marker = _die
 def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, shapes_root, capsys):
     """``fixtures/resume_9d20f6c/warmup``: a run stopped after its step-2 checkpoint by the code of
     commit 9d20f6c (before ``RunLoop`` / ``RunRecipe``). Today's trainer resumes it where it stopped,
-    steps 2-3 give that code's uninterrupted losses, and its own checkpoints have the same format."""
+    steps 2-3 give that code's uninterrupted losses (the recipe keys added since then at their defaults
+    are no change), and its own checkpoints have the same format."""
     fixture = FIXTURES / "resume_9d20f6c"
     run = tmp_path / "warmup"
     shutil.copytree(fixture / "warmup", run)
@@ -139,7 +141,25 @@ def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, shapes_root,
     # little differently, while a wrong resume (weights, optimizer, RNG or data position) is far off.
     assert got[2:] == pytest.approx(want[2:], rel=1e-5)
     old = checkpoint_format(fixture / "warmup/checkpoints/step_00000002")
+    # The recipe a checkpoint carries has gained exactly the keys added to the recipe since 9d20f6c
+    # (issue 16: token-space guidance and its training options); the rest of the format is unchanged.
+    old["trainer_state"]["recipe"]["guidance"] = "float"
+    old["trainer_state"]["recipe"]["train"].update(
+        visual_input_noise_schedule="str", mse_normalize="bool", prompt_dropout="float"
+    )
     assert checkpoint_format(ckpt.checkpoint_dir(run, 4)) == old
+
+
+def test_recipe_keys_added_since_a_run_count_as_their_defaults_on_resume():
+    """A key the saved recipe lacks (added to the schema later) is no change at its default, a change
+    at any other value; without the schema every missing key is a change."""
+    state = FIXTURES / "resume_9d20f6c/warmup/checkpoints/step_00000002/trainer_state.json"
+    saved = json.loads(state.read_text())["recipe"]
+    current = Recipe.model_validate(saved).model_dump(mode="json")
+    assert recipe_changes(saved, current, Recipe) == []
+    assert "guidance" in recipe_changes(saved, current)
+    current["guidance"], current["train"]["prompt_dropout"] = 2.0, 0.1
+    assert recipe_changes(saved, current, Recipe) == ["guidance", "train.prompt_dropout"]
 
 
 def test_incomplete_checkpoint_is_never_loaded(tmp_path, micro_model):

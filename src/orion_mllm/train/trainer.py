@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from orion_mllm.data.entries import DatasetEntry
 from orion_mllm.data.sources import open_dataset
@@ -91,9 +92,21 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two recipes (as dicts), except the resumable ones."""
+def recipe_changes(
+    saved: dict[str, Any], current: dict[str, Any], schema: type[BaseModel] | None = None
+) -> list[str]:
+    """Keys whose values differ between two recipes (as dicts), except the resumable ones.
+
+    With ``schema`` (the recipe class), a key the saved recipe lacks because it was added to the
+    schema after the run started counts as its default: new recipe keys default to the behaviour runs
+    had before them, so a run resumed with the default has not changed."""
     a, b = _flatten(saved), _flatten(current)
+    if schema is not None:
+        try:
+            filled = _flatten(schema.model_validate(saved).model_dump(mode="json"))
+        except ValidationError:  # a recipe today's schema refuses: compared as it was saved
+            filled = {}
+        a.update({k: v for k, v in filled.items() if k not in a})
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in changed if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
 
@@ -164,7 +177,8 @@ class Trainer(RunLoop):
         }
 
     def _check_resume(self, state: dict[str, Any]) -> None:
-        changed = recipe_changes(state.get("recipe", {}), self.recipe.model_dump(mode="json"))
+        saved = state.get("recipe", {})
+        changed = recipe_changes(saved, self.recipe.model_dump(mode="json"), type(self.recipe))
         if changed:
             raise ValueError(
                 f"{self.run_dir} was started with a different recipe ({', '.join(changed)} changed); "
