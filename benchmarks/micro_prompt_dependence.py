@@ -2,10 +2,11 @@
 
     python benchmarks/micro_prompt_dependence.py OUT_DIR [--steps 300] [--old-recipe]
 
-Trains the micro preset on text-to-image ShapesWorld data only (from random weights, KL off, so it
-needs no base model) with the generation settings the tiny recipes ship (MSE in units of the targets'
-variance, caption dropout, per-image noisy context, LR 1e-3); ``--old-recipe`` uses the settings the
-project shipped before issue 16 (MSE weight 1 on raw tokens, fixed noise 0.1, LR 5e-4) for contrast.
+Trains the micro preset on text-to-image ShapesWorld data only (from random weights whose tower is
+standardised as stage 0 does it, KL off) with the generation settings the tiny recipes ship (MSE in
+units of the targets' variance, caption dropout, per-image noisy context, LR 1e-3); ``--old-recipe``
+uses the settings the project shipped before issue 16 (MSE weight 1 on raw tokens, fixed noise 0.1,
+LR 5e-4) for contrast.
 Then regresses the tokens of 16 distinct training captions free-running and compares their spread
 across prompts with the targets' own spread. The mean-image failure has a ratio near 0.
 
@@ -36,16 +37,37 @@ OLD = {"mse_normalize": False, "prompt_dropout": 0.0, "visual_input_noise": 0.1,
        "visual_input_noise_schedule": "fixed"}  # fmt: skip
 
 
-def micro_gen_recipe(data_root: Path, steps: int, old: bool = False) -> Any:
+def micro_base_recipe(data_root: Path) -> Any:
+    """One stage-0 step: the micro preset with its random tower standardised (tokens of std 0.1)."""
+    return parse_recipe({
+        "stage": "base",
+        "model": {"init": "preset:micro", "head": "mlp", "dtype": "float32",
+                  "standardize_tokens_images": 256},
+        "trainable": {"vision_tower": False, "llm": True, "head": False},
+        "loss": {"ce": 1.0, "mse": 0.0, "kl": 0.0},
+        "optim": {"max_lr": 1e-5, "min_lr": 1e-5, "scheduler": "constant", "warmup_ratio": 0.0,
+                  "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-15, "grad_clip": 1.0},
+        "train": {"epochs": 1, "max_steps": 1, "global_batch_size": 4, "micro_batch_size": 4, "seed": 0},
+        "resolution": {"gen_min_long_side": 48, "gen_max_long_side": 48, "und_min_long_side": 32,
+                       "und_max_long_side": 96},
+        "data_root": str(data_root),
+        "data": [{"name": "gen", "path": "gen.jsonl", "task": "generation", "weight": 1.0}],
+        "checkpoint": {"every": 100000, "keep": 1},
+    })  # fmt: skip
+
+
+def micro_gen_recipe(data_root: Path, base: Path, steps: int, old: bool = False) -> Any:
     return parse_recipe({
         "stage": "pretrain",
-        "model": {"init": "preset:micro", "head": "mlp", "mlp_ratio": 8, "dtype": "float32"},
-        "teacher": "preset:micro",
+        "model": {"init": str(base), "head": "mlp", "mlp_ratio": 8, "dtype": "float32"},
+        "teacher": str(base),
         "trainable": {"vision_tower": False, "llm": True, "head": True},
         "loss": {"ce": 1.0, "mse": 1.0, "kl": 0.0},
-        "optim": {"max_lr": 5e-4 if old else 1e-3, "min_lr": 0.0, "scheduler": "cosine", "warmup_ratio": 0.05,
-                  "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-15, "grad_clip": 1.0},
-        "train": {"epochs": 100, "max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16, "seed": 0,
+        "optim": {"max_lr": 5e-4 if old else 1e-3, "min_lr": 0.0, "scheduler": "cosine",
+                  "warmup_ratio": 0.05, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-15,
+                  "grad_clip": 1.0},
+        "train": {"epochs": 100, "max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16,
+                  "seed": 0,
                   "packing": True, "pack_tokens": 512, "log_every": 50, **(OLD if old else NEW)},
         "resolution": {"gen_min_long_side": 48, "gen_max_long_side": 48, "und_min_long_side": 32,
                        "und_max_long_side": 96},
@@ -88,9 +110,10 @@ def train_and_measure(out: Path, steps: int = 300, old: bool = False) -> dict[st
     if not (data / "meta.json").is_file():
         write_shapes_dataset(data, size=48, n_und=0, n_gen=400, n_edit=0, n_interleaved=0, n_heldout=0,
                              progress=False)  # fmt: skip
+    base = Trainer(micro_base_recipe(data), out / "base", tensorboard=False).run().final_model
     t0 = time.time()
     run = out / ("old" if old else "new")
-    result = Trainer(micro_gen_recipe(data, steps, old), run, tensorboard=False).run()
+    result = Trainer(micro_gen_recipe(data, base, steps, old), run, tensorboard=False).run()
     return {"steps": steps, "old_recipe": old, "train_s": round(time.time() - t0, 1),
             **prompt_spread(result.final_model, data)}  # fmt: skip
 
