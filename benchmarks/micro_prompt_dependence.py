@@ -37,6 +37,17 @@ OLD = {"mse_normalize": False, "prompt_dropout": 0.0, "visual_input_noise": 0.1,
        "visual_input_noise_schedule": "fixed"}  # fmt: skip
 
 
+def _gen_data(data_root: Path) -> dict[str, Any]:
+    """What both recipes share: the micro resolutions and the text-to-image data alone."""
+    return {
+        "resolution": {"gen_min_long_side": 48, "gen_max_long_side": 48, "und_min_long_side": 32,
+                       "und_max_long_side": 96},
+        "data_root": str(data_root),
+        "data": [{"name": "gen", "path": "gen.jsonl", "task": "generation", "weight": 1.0}],
+        "checkpoint": {"every": 100000, "keep": 1},
+    }  # fmt: skip
+
+
 def micro_base_recipe(data_root: Path) -> Any:
     """One stage-0 step: the micro preset with its random tower standardised (tokens of std 0.1)."""
     return parse_recipe({
@@ -48,11 +59,7 @@ def micro_base_recipe(data_root: Path) -> Any:
         "optim": {"max_lr": 1e-5, "min_lr": 1e-5, "scheduler": "constant", "warmup_ratio": 0.0,
                   "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-15, "grad_clip": 1.0},
         "train": {"epochs": 1, "max_steps": 1, "global_batch_size": 4, "micro_batch_size": 4, "seed": 0},
-        "resolution": {"gen_min_long_side": 48, "gen_max_long_side": 48, "und_min_long_side": 32,
-                       "und_max_long_side": 96},
-        "data_root": str(data_root),
-        "data": [{"name": "gen", "path": "gen.jsonl", "task": "generation", "weight": 1.0}],
-        "checkpoint": {"every": 100000, "keep": 1},
+        **_gen_data(data_root),
     })  # fmt: skip
 
 
@@ -67,13 +74,8 @@ def micro_gen_recipe(data_root: Path, base: Path, steps: int, old: bool = False)
                   "warmup_ratio": 0.05, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-15,
                   "grad_clip": 1.0},
         "train": {"epochs": 100, "max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16,
-                  "seed": 0,
-                  "packing": True, "pack_tokens": 512, "log_every": 50, **(OLD if old else NEW)},
-        "resolution": {"gen_min_long_side": 48, "gen_max_long_side": 48, "und_min_long_side": 32,
-                       "und_max_long_side": 96},
-        "data_root": str(data_root),
-        "data": [{"name": "gen", "path": "gen.jsonl", "task": "generation", "weight": 1.0}],
-        "checkpoint": {"every": 100000, "keep": 1},
+                  "seed": 0, "packing": True, "pack_tokens": 512, "log_every": 50, **(OLD if old else NEW)},
+        **_gen_data(data_root),
     })  # fmt: skip
 
 
