@@ -32,8 +32,11 @@ def test_quickstart_writes_report_metrics_and_a_usable_model(quickstart, capsys)
     assert set(METRIC_KEYS) <= set(metrics)
     assert {f"gen_{c}" for c in CATEGORIES} <= set(metrics)
     assert metrics["preset"] == "micro" and metrics["max_steps"] == 4 and metrics["eval_limit"] == 6
-    for key in ("base_und_accuracy", "final_und_accuracy", "gen_overall", "edit_accuracy"):
+    for key in ("base_und_accuracy", "final_und_accuracy", "gen_overall", "edit_accuracy",
+                "gen_unseen_overall", "interleaved_accuracy", "interleaved_swapped_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    # The smoke set's prompts split into seen and unseen captions (the unseen ones scored apart).
+    assert metrics["gen_unseen_prompts"] + metrics["gen_seen_prompts"] == metrics["final_gen"]["samples"]
     assert math.isfinite(metrics["drift_kl_final"]) and metrics["drift_kl_final"] > 0
     assert metrics["wall_minutes"] > 0
     # The final model carries its decoder, and the inference commands take it as it is.

@@ -37,6 +37,7 @@ GRID_PROMPTS = (
 METRIC_KEYS = (
     "model_dir", "base_und_accuracy", "final_und_accuracy", "gen_overall",
     *(f"gen_{c}" for c in CATEGORIES), "edit_accuracy", "drift_kl_final", "wall_minutes", "preset",
+    "gen_unseen_overall", "gen_unseen_prompts", "interleaved_accuracy", "interleaved_swapped_accuracy",
 )  # fmt: skip
 SCALE = 3  # 64 px ShapesWorld images are shown 3x, nearest-neighbour
 
@@ -117,6 +118,14 @@ def collect_metrics(qs: Quickstart) -> dict[str, Any]:
         **{f"gen_{c}": ev["gen"].get(c) for c in CATEGORIES},
         "edit_accuracy": ev["edit"]["overall"],
         "interleaved_accuracy": ev["interleaved"]["overall"],
+        # The same questions with each drawing swapped for another dialogue's: answers read from the
+        # picture drop; answers read from the prompt's words do not.
+        "interleaved_swapped_accuracy": ev["interleaved"].get("overall_swapped"),
+        # Prompts whose caption never occurs in the training records (drawing, not recall).
+        "gen_unseen_overall": ev["gen"].get("unseen_scores", {}).get("overall"),
+        "gen_seen_prompts": ev["gen"].get("seen"),
+        "gen_unseen_prompts": ev["gen"].get("unseen"),
+        "gen_guidance": ev["gen"].get("guidance"),
         "drift_kl_final": ev["drift"]["drift_kl"],
         "drift_top5_overlap_final": ev["drift"].get("drift_top5_overlap"),
         "wall_minutes": round(seconds / 60, 2),
@@ -198,12 +207,23 @@ def write_report(qs: Quickstart) -> dict[str, Any]:
         f"| shapes-und overall ({final_und['questions']} questions) | {_pct(base_und['overall'])} | "
         f"{_pct(final_und['overall'])} |",
         *(f"| &nbsp; und {k} | {_pct(base_und.get(k))} | {_pct(final_und.get(k))} |" for k in und_types),
-        f"| shapes-gen overall ({gen['samples']} prompts) | - | {gen['overall']:.3f} |",
+        f"| shapes-gen overall ({gen['samples']} prompts, token guidance "
+        f"{metrics.get('gen_guidance') or 1:g}) | - | {gen['overall']:.3f} |",
         *(f"| &nbsp; gen {c} | - | {gen[c]:.3f} |" for c in CATEGORIES if c in gen),
+        *(
+            [f"| &nbsp; gen on the {gen['unseen']} prompts whose caption is not in training "
+             f"({gen['seen']} are) | - | {metrics['gen_unseen_overall']:.3f} |"]
+            if metrics.get("gen_unseen_overall") is not None else []
+        ),
         f"| shapes-edit overall ({edit_json['edits']} edits) | - | {_pct(edit_json['overall'])} |",
         *(f"| &nbsp; edit {k} | - | {_pct(edit_json[k])} |" for k in edit_ops),
         f"| interleaved generate-then-ask ({inter['dialogues']} dialogues, zero-shot) | - | "
         f"{_pct(inter['overall'])} |",
+        *(
+            [f"| &nbsp; same questions, each drawing swapped for another dialogue's | - | "
+             f"{_pct(inter['overall_swapped'])} |"]
+            if inter.get("overall_swapped") is not None else []
+        ),
         f"| drift KL(base ‖ final) at visual positions | 0 | {drift['drift_kl']:.4f} |",
         f"| drift top-5 overlap | 1 | {drift.get('drift_top5_overlap', float('nan')):.3f} |",
         "",
