@@ -147,3 +147,13 @@ def test_step_loader_drops_requests_of_image_targets_only_and_reproducibly(tmp_p
     one = lengths(0, 1)
     assert sorted(one) == sorted(lengths(0, 2) + lengths(1, 2))
     assert len(set(one)) >= 2  # the steps hold kept and dropped samples, so the check has teeth
+
+
+def test_eval_shapes_gen_refuses_a_negative_guidance(tmp_path, capsys):
+    from orion_mllm.cli import main
+
+    argv = ["eval", "shapes-gen", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--guidance", "-1"]
+    code = main(argv)
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--guidance -1.0: must be >= 0" in err[0]

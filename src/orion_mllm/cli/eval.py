@@ -27,10 +27,17 @@ def _cmd_eval_shapes_gen(args: argparse.Namespace) -> int:
         print(f"wrote {n} prompts with oracle renders to {args.out}")
         _print_scores(score_folder(args.out))
         return 0
-    from orion_mllm.eval.model_eval import eval_generation
+    from orion_mllm.eval.model_eval import eval_generation, training_captions
 
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ValueError(f"--guidance {args.guidance}: must be >= 0 (1: no guidance)")
+    seen = training_captions(args.train_gen) if args.train_gen else None
     pipe = _eval_pipeline(args, need_decoder=True)
-    _print_scores(eval_generation(pipe, args.out, prompts=prompt_set(args.seed), batch_size=args.batch_size))
+    scores = eval_generation(
+        pipe, args.out, prompts=prompt_set(args.seed), batch_size=args.batch_size, guidance=args.guidance,
+        seen_captions=seen,
+    )  # fmt: skip
+    _print_scores(scores)
     return 0
 
 
@@ -141,6 +148,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--samples", type=int, default=1, help="images per prompt (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="prompt-set seed (default: 0, the fixed set)")
+    p.add_argument("--guidance", type=float, default=None, help="token-space guidance (default: the model's)")
+    p.add_argument(
+        "--train-gen", default=None,
+        help="the model's training gen.jsonl: also score the prompts whose caption it never saw",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_eval_shapes_gen)
     p = eval_sub.add_parser("shapes-score", help="score a GenEval-layout folder of images")
     p.add_argument(

@@ -222,7 +222,7 @@ class OrionPipeline:
     @property
     def default_guidance(self) -> float:
         """The token-space guidance the model was trained for (1.0 for plain Qwen2.5-VL directories)."""
-        return float(getattr(self.model.config, "guidance", 1.0))
+        return self.model.config.guidance
 
     def image_tokens(
         self, prompt: str, *, n: int = 1, seed: int = 0, elaborate: bool = False, temperature: float = 1.0,
