@@ -26,7 +26,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from orion_mllm.workflow.quickstart import Quickstart
 
-    qs = Quickstart(args.preset, args.out, max_steps=args.max_steps, eval_limit=args.eval_limit)
+    qs = Quickstart(
+        args.preset, args.out, max_steps=args.max_steps, eval_limit=args.eval_limit,
+        from_scratch=args.from_scratch,
+    )  # fmt: skip
     m = qs.run()
     print(
         f"\nquickstart {m['preset']} finished: {m['wall_minutes']:.1f} min of steps\n"
@@ -83,8 +86,13 @@ def add_quickstart(sub: argparse._SubParsersAction) -> None:
         "Re-running resumes.",
     )
     p.add_argument(
-        "--preset", default="tiny", choices=["micro", "tiny"], help="tiny (default, ~20 min) or micro"
+        "--preset", default="tiny", choices=["micro", "tiny"], help="tiny (default, ~30 min) or micro"
     )
+    p.add_argument(
+        "--from-scratch", action="store_true",
+        help="train the stage-0 base here instead of starting from the one committed in bases/PRESET "
+        "(tiny: adds its training time; micro has no committed base and always trains it)",
+    )  # fmt: skip
     workflow_options(p, "quickstart")
     p.set_defaults(func=_cmd_quickstart)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from orion_mllm.train.recipe import DecoderRecipe, load_recipe
+from orion_mllm.workflow.committed_base import check_base, committed_base, install_base
 from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
 
 PRESETS = ("micro", "tiny")
@@ -54,8 +55,8 @@ STEPS = (
     Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 19, "tiny": 305}),
     Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 23, "tiny": 256}),
     Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 4, "tiny": 64}),
-    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 600}),
-    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 18, "tiny": 400}),
+    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 1080}),
+    Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 18, "tiny": 150}),
     Step("model", "final model directory (LLM + head + decoder)", {"micro": 1, "tiny": 1}),
     Step("eval_base", "evaluate the base model (understanding)", {"micro": 2, "tiny": 6}),
     Step("eval_final", "evaluate the final model", {"micro": 4, "tiny": 90}),
@@ -114,6 +115,8 @@ class Quickstart:
         eval_limit: int | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        from_scratch: bool = False,
+        bases: Path | None = None,
     ) -> None:
         if preset not in PRESETS:
             raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -127,12 +130,18 @@ class Quickstart:
         self.eval_limit = eval_limit
         self.progress = progress
         self.log = log
+        self.from_scratch = from_scratch
+        # The committed stage-0 base this run starts from (None: stage 0 is trained here).
+        self.base = None if from_scratch else committed_base(preset, bases)
         self.sizes = EVAL_SIZES[preset].limited(eval_limit)
 
     # ------------------------------------------------------------------ state
 
     def _settings(self) -> dict[str, Any]:
-        return {"preset": self.preset, "max_steps": self.max_steps, "eval_limit": self.eval_limit}
+        return {
+            "preset": self.preset, "max_steps": self.max_steps, "eval_limit": self.eval_limit,
+            "from_scratch": self.from_scratch,
+        }  # fmt: skip
 
     def _load_state(self) -> dict[str, Any]:
         path = self.out / STATE_FILE
@@ -146,7 +155,8 @@ class Quickstart:
             state = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err}); remove it to start over") from None
-        old = {k: state.get(k) for k in self._settings()}
+        # Runs started before --from-scratch existed: that setting is taken as the current one.
+        old = {k: state.get(k, v if k == "from_scratch" else None) for k, v in self._settings().items()}
         if old != self._settings():
             changed = ", ".join(f"{k} {old[k]} -> {v}" for k, v in self._settings().items() if old[k] != v)
             raise ValueError(
@@ -172,11 +182,22 @@ class Quickstart:
             extra.append(f"train.max_steps={self.max_steps}")
         return extra
 
+    def expected_s(self, step: Step) -> float:
+        """The step's measured seconds (for the ETA); copying a committed base takes about one."""
+        return 1.0 if step.name == "stage0_base" and self.base is not None else step.expected_s[self.preset]
+
     def run_dir(self, stage: str) -> Path:
         return self.out / stage
 
     def _run_step(self, name: str) -> None:
-        if name in TRAIN_STAGES:
+        if name == "stage0_base" and self.base is not None:
+            provenance = check_base(self.base, recipe_path(self.preset, name), self.overrides(name))
+            install_base(self.base, self.run_dir(name))
+            self.log(
+                f"  using the committed base {self.base} (stage 0, {provenance.get('steps')} steps, "
+                f"{provenance.get('wall_seconds', 0) / 60:.1f} min when built); --from-scratch trains it here"
+            )
+        elif name in TRAIN_STAGES:
             train_stage(recipe_path(self.preset, name), self.run_dir(name), self.overrides(name))
         elif name == MODEL_DIR:
             self.assemble_model()
@@ -250,7 +271,7 @@ class Quickstart:
                 took = f"{done['seconds']:.0f} s"
                 self.log(f"[quickstart {k}/{len(steps)}] {step.title}: done earlier ({took}), skipped")
                 continue
-            remaining = sum(s.expected_s[self.preset] for s in steps[k - 1 :] if s.name not in state["steps"])
+            remaining = sum(self.expected_s(s) for s in steps[k - 1 :] if s.name not in state["steps"])
             pace = ran_actual / ran_expected if ran_expected else 1.0
             elapsed = time.time() - started
             self.log(
@@ -260,7 +281,7 @@ class Quickstart:
             t0 = time.time()
             self._run_step(step.name)
             seconds = time.time() - t0
-            ran_expected += step.expected_s[self.preset]
+            ran_expected += self.expected_s(step)
             ran_actual += seconds
             state["steps"][step.name] = {
                 "seconds": round(seconds, 2),

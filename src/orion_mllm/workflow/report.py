@@ -112,6 +112,8 @@ def collect_metrics(qs: Quickstart) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "model_dir": str(qs.out / "model"),
         "preset": qs.preset,
+        # Where stage 0 came from: the committed base (bases/PRESET) or trained in this run.
+        "stage0_source": f"committed {qs.base}" if qs.base is not None else "trained",
         "base_und_accuracy": base["overall"],
         "final_und_accuracy": ev["und"]["overall"],
         "gen_overall": ev["gen"]["overall"],
@@ -198,7 +200,8 @@ def write_report(qs: Quickstart) -> dict[str, Any]:
         "",
         f"Run directory `{out}`; final model `{metrics['model_dir']}` (decoder inside; it works with "
         "`orion generate / ask / edit / chat / serve`). Wall time of the steps: "
-        f"**{metrics['wall_minutes']:.1f} min** ({per_step} min).{smoke}",
+        f"**{metrics['wall_minutes']:.1f} min** ({per_step} min).{smoke} "
+        f"Stage 0: {metrics['stage0_source']}.",
         "",
         "## Metrics",
         "",

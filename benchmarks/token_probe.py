@@ -1,0 +1,76 @@
+"""How readable are a vision tower's tokens? Linear probes for colour and shape (issue 16's base diagnosis).
+
+    python benchmarks/token_probe.py --model runs/qs/stage0_base/final --data runs/qs/data/shapes-tiny \
+        [--n 3000]
+
+Takes the single-object text-to-image records (canonical layout: one medium object, centred), encodes
+their images with the model's tower (as training does) and fits ridge-regularised least-squares
+classifiers (one-hot targets) on the concatenated tokens, for the object's colour and its shape; 80%
+train / 20% held out. High held-out accuracy means the tower hands the LLM the answer linearly; low
+means the LLM must recover it through non-linear work (or cannot). Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from orion_mllm.eval.model_eval import read_jsonl
+from orion_mllm.model.orion import OrionModel
+
+
+def ridge_accuracy(x: torch.Tensor, labels: list[str], lam: float = 1e-2) -> tuple[float, float]:
+    """Train / held-out accuracy of a ridge least-squares one-hot classifier."""
+    classes = sorted(set(labels))
+    y = torch.nn.functional.one_hot(torch.tensor([classes.index(c) for c in labels]), len(classes)).double()
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
+    cut = int(0.8 * len(x))
+    xt, yt = x[:cut], y[:cut]
+    w = torch.linalg.solve(xt.T @ xt + lam * len(xt) * torch.eye(x.shape[1], dtype=torch.double), xt.T @ yt)
+    right = (x @ w).argmax(1) == y.argmax(1)
+    return right[:cut].double().mean().item(), right[cut:].double().mean().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--data", required=True, type=Path, help="ShapesWorld folder with gen.jsonl")
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument(
+        "--records", choices=["gen", "und"], default="gen",
+        help="gen: canonical single-object pictures (centred, medium); und: understanding pictures with "
+        "one object (any size and place)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--side", type=int, default=None, help="resize pictures to this side (default: generation size)"
+    )
+    args = ap.parse_args()
+    model = OrionModel.from_pretrained(args.model).eval()
+    records = [r for r in read_jsonl(args.data / f"{args.records}.jsonl") if len(r["scene"]["objects"]) == 1]
+    records = records[: args.n]
+    side = args.side or model.config.image_spec.gen_image_size
+    processor = model.processor.image_processor
+    tokens = []
+    with torch.no_grad():
+        for start in range(0, len(records), 64):
+            chunk = records[start : start + 64]
+            images = [Image.open(args.data / r["image"]).convert("RGB").resize((side, side)) for r in chunk]
+            out = processor(images=images, return_tensors="pt")
+            flat = model.encode_images(out["pixel_values"], out["image_grid_thw"]).float()
+            tokens.append(flat.reshape(len(chunk), -1))
+    x = torch.cat(tokens)
+    result = {"model": str(args.model), "records": args.records, "n": len(records), "side": side,
+              "features": x.shape[1]}  # fmt: skip
+    for key in ("colour", "shape"):
+        labels = [r["scene"]["objects"][0][key] for r in records]
+        train, held = ridge_accuracy(x, labels)
+        result[key] = {"train": round(train, 4), "heldout": round(held, 4), "classes": len(set(labels))}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

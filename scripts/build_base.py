@@ -1,0 +1,41 @@
+"""Build the committed stage-0 base of a ShapesWorld preset (``bases/PRESET``), with its provenance.
+
+    OMP_NUM_THREADS=2 python scripts/build_base.py --preset tiny [--work runs/build-base-tiny]
+
+Trains ``recipes/shapes/PRESET/stage0_base.yaml`` exactly as ``orion quickstart --from-scratch``
+would (same recipe, no overrides; the data is written under ``--work``), then copies the run (model,
+run.json, recipe.yaml, metrics.jsonl) into ``bases/PRESET`` with ``provenance.json``: this command,
+the resolved recipe, seed, git commit, wall time and machine. ``orion quickstart`` then starts from
+it; after any change to that recipe, rerun this (the quickstart refuses a base whose recorded recipe
+differs). Re-running with the same ``--work`` resumes the training. Prints the provenance as JSON last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from orion_mllm.workflow.committed_base import bases_root, build_base, folder_bytes
+from orion_mllm.workflow.quickstart import recipe_path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
+    ap.add_argument("--work", type=Path, default=None, help="run folder (default: runs/build-base-PRESET)")
+    args = ap.parse_args()
+    work = args.work or Path(f"runs/build-base-{args.preset}")
+    target = bases_root() / args.preset
+    command = "python scripts/build_base.py " + shlex.join(sys.argv[1:])
+    provenance = build_base(recipe_path(args.preset, "stage0_base"), target, work, command=command)
+    minutes = provenance["wall_seconds"] / 60
+    print(f"{target}: {folder_bytes(target) / 2**20:.1f} MB, {minutes:.1f} min of training")
+    print(json.dumps({k: v for k, v in provenance.items() if k != "recipe"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The committed stage-0 base (bases/PRESET): it loads, matches the tree's recipe, stays small, and the
+quickstart starts from it, refuses one trained by another recipe, and retrains it with --from-scratch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orion_mllm.cli import main
+from orion_mllm.model.backbone import load_backbone
+from orion_mllm.workflow.committed_base import (
+    MAX_BYTES,
+    BaseMismatch,
+    build_base,
+    check_base,
+    committed_base,
+    folder_bytes,
+)
+from orion_mllm.workflow.quickstart import Quickstart, recipe_path
+
+
+def test_the_committed_tiny_base_loads_matches_its_recipe_and_is_small():
+    folder = committed_base("tiny")
+    assert folder is not None, "bases/tiny is missing: python scripts/build_base.py --preset tiny"
+    # What `orion quickstart` (no smoke caps) would train in stage 0, data_root aside.
+    provenance = check_base(folder, recipe_path("tiny", "stage0_base"), [])
+    assert provenance["command"].startswith("python scripts/build_base.py")
+    assert provenance["seed"] == 0 and provenance["wall_seconds"] > 0 and provenance["steps"] > 0
+    assert folder_bytes(folder) <= MAX_BYTES
+    weights = [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    run = json.loads((folder / "run.json").read_text())
+    assert run["stage"] == "base" and run["status"] == "finished" and run["steps"] == provenance["steps"]
+    backbone, processor = load_backbone(folder / "final")
+    ids = processor.tokenizer("What shape is the red object?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = backbone(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def micro_base(tmp_path_factory) -> Path:
+    """A micro base built by the same code as bases/tiny, with the quickstart's smoke cap of 4 steps."""
+    root = tmp_path_factory.mktemp("bases")
+    work = tmp_path_factory.mktemp("build")
+    recipe = recipe_path("micro", "stage0_base")
+    build_base(recipe, root / "micro", work, ["train.max_steps=4"], command="test")
+    return root
+
+
+def test_quickstart_copies_a_matching_committed_base_instead_of_training(micro_base, tmp_path):
+    qs = Quickstart("micro", tmp_path / "qs", max_steps=4, eval_limit=6, progress=False, bases=micro_base)
+    assert qs.base == micro_base / "micro"
+    qs.run_until(("stage0_base",))
+    run = tmp_path / "qs" / "stage0_base"
+    assert not (run / "checkpoints").exists()  # copied, not trained
+    assert (run / "final" / "model.safetensors").read_bytes() == (
+        micro_base / "micro" / "final" / "model.safetensors"
+    ).read_bytes()
+    state = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert "stage0_base" in state["steps"] and state["from_scratch"] is False
+    # The decoder's `encoder: previous` finds the copied run as the finished stage-0 run.
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_base_trained_by_another_recipe_is_refused_and_from_scratch_trains(micro_base, tmp_path, capsys):
+    qs = Quickstart("micro", tmp_path / "a", max_steps=5, eval_limit=6, progress=False, bases=micro_base)
+    with pytest.raises(BaseMismatch, match=r"train\.max_steps.*--from-scratch"):
+        qs.run_until(("stage0_base",))
+    assert not (tmp_path / "a" / "stage0_base").exists()
+    fresh = Quickstart(
+        "micro", tmp_path / "b", max_steps=5, eval_limit=6, progress=False, bases=micro_base,
+        from_scratch=True,
+    )  # fmt: skip
+    assert fresh.base is None
+    fresh.run_until(("stage0_base",))
+    assert json.loads((tmp_path / "b" / "stage0_base" / "run.json").read_text())["steps"] == 5
+    # The setting is part of the run: resuming it the other way is refused with one line.
+    capsys.readouterr()
+    code = main(["quickstart", "--preset", "micro", "--out", str(tmp_path / "b"), "--max-steps", "5",
+                 "--eval-limit", "6"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "from_scratch True -> False" in err and len(err.splitlines()) == 1
