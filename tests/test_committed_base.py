@@ -85,3 +85,19 @@ def test_a_base_trained_by_another_recipe_is_refused_and_from_scratch_trains(mic
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "from_scratch True -> False" in err and len(err.splitlines()) == 1
+
+
+def test_recipe_keys_added_after_the_build_count_as_their_defaults(micro_base, tmp_path):
+    """A base recorded before a recipe key existed still matches while the key keeps its default,
+    and stops matching once the tree sets it to something else."""
+    import shutil
+
+    folder = tmp_path / "micro"
+    shutil.copytree(micro_base / "micro", folder)
+    provenance = json.loads((folder / "provenance.json").read_text())
+    del provenance["recipe"]["trainable"]["merger"]  # as written before trainable.merger existed
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+    recipe = recipe_path("micro", "stage0_base")
+    assert check_base(folder, recipe, ["train.max_steps=4"])["command"] == "test"
+    with pytest.raises(BaseMismatch, match=r"trainable\.merger"):
+        check_base(folder, recipe, ["train.max_steps=4", "trainable.merger=true"])

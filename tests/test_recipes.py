@@ -74,10 +74,27 @@ def test_stage_rules():
     warmup = next(p for p in RECIPES if p.stem == "stage1_warmup")
     with pytest.raises(RecipeError, match="warmup trains the head only"):
         load_recipe(warmup, ["trainable.llm=true"])
-    with pytest.raises(RecipeError, match="vision tower stays frozen"):
+    with pytest.raises(RecipeError, match="vision tower and merger stay frozen"):
         load_recipe(warmup, ["trainable.vision_tower=true"])
+    with pytest.raises(RecipeError, match="vision tower and merger stay frozen"):
+        load_recipe(warmup, ["trainable.merger=true"])
     sft = next(p for p in RECIPES if p.stem == "stage3_sft")
     with pytest.raises(RecipeError, match="trains LLM \\+ head"):
         load_recipe(sft, ["trainable.llm=false"])
     with pytest.raises(RecipeError, match=r"multiple of train\.micro_batch_size"):
         load_recipe(sft, ["train.micro_batch_size=3"])
+
+
+def test_stage_base_can_train_the_merger_alone():
+    """trainable.merger: the projector (patch features -> LLM token) learns, the tower's blocks do not."""
+    from orion_mllm.train.setup import apply_trainable, build_model
+
+    micro = Path(__file__).parent.parent / "recipes/shapes/micro/stage0_base.yaml"
+    recipe = load_recipe(micro, ["trainable.merger=true"])
+    model = build_model(recipe, recipe.model.init)
+    apply_trainable(model, recipe)
+    visual = model.backbone.model.visual
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    assert not any(p.requires_grad for p in visual.blocks.parameters())
+    assert not any(p.requires_grad for p in visual.patch_embed.parameters())
+    assert all(p.requires_grad for p in model.backbone.model.language_model.parameters())

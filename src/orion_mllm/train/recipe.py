@@ -47,6 +47,9 @@ class ModelSection(_Strict):
 
 class Trainable(_Strict):
     vision_tower: bool = False
+    # The merger alone (the MLP that turns 2x2 patch features into one LLM token: Qwen2.5-VL's
+    # projector), the tower's blocks staying frozen; stage base only, like vision_tower.
+    merger: bool = False
     llm: bool
     head: bool
 
@@ -205,8 +208,8 @@ class Recipe(RunRecipe):
     @model_validator(mode="after")
     def _stage_rules(self) -> Recipe:
         t, loss = self.trainable, self.loss
-        if self.stage != "base" and t.vision_tower:
-            raise ValueError(f"stage {self.stage}: the vision tower stays frozen in ORION stages")
+        if self.stage != "base" and (t.vision_tower or t.merger):
+            raise ValueError(f"stage {self.stage}: the vision tower and merger stay frozen in ORION stages")
         if self.stage == "warmup" and (t.llm or not t.head or loss.ce or loss.kl):
             raise ValueError("stage warmup trains the head only with MSE only (trainable.llm=false, ce=kl=0)")
         if self.stage in ("pretrain", "sft") and not (t.llm and t.head):

@@ -205,6 +205,8 @@ def apply_trainable(model: OrionModel, recipe: Recipe) -> None:
     t = recipe.trainable
     model.requires_grad_(False)
     model.backbone.model.visual.requires_grad_(t.vision_tower)
+    if t.merger:
+        model.backbone.model.visual.merger.requires_grad_(True)
     model.backbone.model.language_model.requires_grad_(t.llm)
     model.backbone.lm_head.requires_grad_(t.llm)
     model.vision_head.requires_grad_(t.head)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orion_mllm.train.recipe import load_recipe
+from orion_mllm.train.recipe import load_recipe, parse_recipe
 
 PROVENANCE = "provenance.json"
 COPIED = ("final", "run.json", "recipe.yaml", "metrics.jsonl", PROVENANCE)
@@ -71,6 +71,13 @@ def check_base(folder: Path, recipe_file: Path, overrides: list[str]) -> dict[st
     :class:`BaseMismatch` naming the first differing keys."""
     provenance = read_provenance(folder)
     recorded, wanted = provenance.get("recipe"), recipe_fingerprint(recipe_file, overrides)
+    if isinstance(recorded, dict):
+        # Keys added to recipes since the base was built count as their defaults (as for a resume).
+        try:
+            recorded = parse_recipe(recorded, str(folder / PROVENANCE)).model_dump(mode="json")
+        except ValueError as err:
+            raise BaseMismatch(f"{folder / PROVENANCE}: its recipe no longer validates ({err})") from None
+        recorded.pop("data_root", None)
     if recorded != wanted:
         keys = _differing_keys(recorded, wanted) if isinstance(recorded, dict) else ["(no recorded recipe)"]
         raise BaseMismatch(
