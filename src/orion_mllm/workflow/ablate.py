@@ -129,7 +129,7 @@ class Ablation:
                 raise ValueError(f"--base {base} is a {state.get('preset')!r} run, not {preset!r}")
             self.base = Quickstart(
                 preset, base, max_steps=state.get("max_steps"), eval_limit=state.get("eval_limit"),
-                progress=progress, log=log,
+                progress=progress, log=log, from_scratch=bool(state.get("from_scratch", False)),
             )  # fmt: skip
         self.sizes: EvalSizes = EVAL_SIZES[preset].limited(eval_limit)
 
