@@ -4,7 +4,7 @@
 
 Trains ``recipes/shapes/PRESET/stage0_base.yaml`` exactly as ``orion quickstart --from-scratch``
 would (same recipe, no overrides; the data is written under ``--work``), then copies the run (model,
-run.json, recipe.yaml, metrics.jsonl) into ``bases/PRESET`` with ``provenance.json``: this command,
+run.json, recipe.yaml) into ``bases/PRESET`` with ``provenance.json``: this command,
 the resolved recipe, seed, git commit, wall time and machine. ``orion quickstart`` then starts from
 it; after any change to that recipe, rerun this (the quickstart refuses a base whose recorded recipe
 differs). Re-running with the same ``--work`` resumes the training. Prints the provenance as JSON last.

@@ -5,7 +5,7 @@ have no released base, so stage 0 trains one. A *committed base* is that stage-0
 by ``python scripts/build_base.py --preset PRESET`` and kept under ``bases/PRESET/``:
 
 - ``final/``: the base model directory (safetensors, config, tokenizer; a few MB);
-- ``run.json``, ``recipe.yaml``, ``metrics.jsonl``: the trainer's own records of the run;
+- ``run.json``, ``recipe.yaml``: the trainer's own records of the run (its logs stay out of git);
 - ``provenance.json``: the command, the resolved recipe it was trained with, the seed, the git commit,
   the wall time and the machine.
 
@@ -30,7 +30,7 @@ from typing import Any
 from orion_mllm.train.recipe import load_recipe, parse_recipe
 
 PROVENANCE = "provenance.json"
-COPIED = ("final", "run.json", "recipe.yaml", "metrics.jsonl", PROVENANCE)
+COPIED = ("final", "run.json", "recipe.yaml", PROVENANCE)  # not the run's logs: only what later stages read
 MAX_BYTES = 25 * 1024 * 1024  # the budget for weights kept in git
 
 
