@@ -93,9 +93,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_changes(
-    saved: dict[str, Any], current: dict[str, Any], schema: type[BaseModel] | None = None
-) -> list[str]:
-    """Keys whose values differ between two recipes (as dicts), except the resumable ones.
+    saved: dict[str, Any], current: dict[str, Any], schema: type[BaseModel] | None = None,
+    ignore: tuple[str, ...] = RESUMABLE_CHANGES,
+) -> list[str]:  # fmt: skip
+    """Keys whose values differ between two recipes (as dicts), except those in ``ignore`` (by default
+    the ones a resume may change).
 
     With ``schema`` (the recipe class), a key the saved recipe lacks because it was added to the
     schema after the run started counts as its default: new recipe keys default to the behaviour runs
@@ -108,7 +110,7 @@ def recipe_changes(
             filled = {}
         a.update({k: v for k, v in filled.items() if k not in a})
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [k for k in changed if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
+    return [k for k in changed if not any(k == p or k.startswith(p) for p in ignore)]
 
 
 @dataclass

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orion_mllm.train.recipe import load_recipe, parse_recipe
+from orion_mllm.train.recipe import Recipe, load_recipe
 
 PROVENANCE = "provenance.json"
 COPIED = ("final", "run.json", "recipe.yaml", PROVENANCE)  # not the run's logs: only what later stages read
@@ -70,16 +70,13 @@ def check_base(folder: Path, recipe_file: Path, overrides: list[str]) -> dict[st
     """The base's provenance if its recorded recipe equals ``recipe_file`` + ``overrides``; else
     :class:`BaseMismatch` naming the first differing keys."""
     provenance = read_provenance(folder)
+    from orion_mllm.train.trainer import recipe_changes  # the trainer (torch) only when checking
+
     recorded, wanted = provenance.get("recipe"), recipe_fingerprint(recipe_file, overrides)
-    if isinstance(recorded, dict):
-        # Keys added to recipes since the base was built count as their defaults (as for a resume).
-        try:
-            recorded = parse_recipe(recorded, str(folder / PROVENANCE)).model_dump(mode="json")
-        except ValueError as err:
-            raise BaseMismatch(f"{folder / PROVENANCE}: its recipe no longer validates ({err})") from None
-        recorded.pop("data_root", None)
-    if recorded != wanted:
-        keys = _differing_keys(recorded, wanted) if isinstance(recorded, dict) else ["(no recorded recipe)"]
+    # Keys added to recipes since the base was built count as their defaults (as for a resume); here
+    # every key counts, the step cap included: the base must be what this stage 0 would train.
+    keys = recipe_changes(recorded, wanted, Recipe, ignore=()) if isinstance(recorded, dict) else ["recipe"]
+    if keys:
         raise BaseMismatch(
             f"{folder} was trained with another recipe than {recipe_file} (differs at "
             f"{', '.join(keys[:4])}): rerun with --from-scratch, or rebuild it "
@@ -88,17 +85,6 @@ def check_base(folder: Path, recipe_file: Path, overrides: list[str]) -> dict[st
     if not (folder / "final" / "model.safetensors").is_file():
         raise ValueError(f"{folder}/final/model.safetensors missing: rebuild it with scripts/build_base.py")
     return provenance
-
-
-def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys += _differing_keys(x, y, f"{prefix}{k}.")
-        elif x != y:
-            keys.append(f"{prefix}{k}")
-    return keys
 
 
 def install_base(folder: Path, run_dir: Path) -> None:
