@@ -35,6 +35,28 @@ def ridge_accuracy(x: torch.Tensor, labels: list[str], lam: float = 1e-2) -> tup
     return right[:cut].double().mean().item(), right[cut:].double().mean().item()
 
 
+def mlp_accuracy(x: torch.Tensor, labels: list[str], steps: int = 1500) -> float:
+    """Held-out accuracy of a 2-layer MLP probe (same 80/20 split as the ridge probe)."""
+    torch.manual_seed(0)
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(c) for c in labels])
+    xs = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    cut = int(0.8 * len(xs))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(xs.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 512), torch.nn.GELU(),
+        torch.nn.Linear(512, len(classes)),
+    )  # fmt: skip
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.05)
+    for _ in range(steps):
+        idx = torch.randint(0, cut, (128,))
+        loss = torch.nn.functional.cross_entropy(net(xs[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (net(xs[cut:]).argmax(1) == y[cut:]).float().mean().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, type=Path)
@@ -45,6 +67,11 @@ def main() -> None:
         help="gen: canonical single-object pictures (centred, medium); und: understanding pictures with "
         "one object (any size and place)",
     )  # fmt: skip
+    ap.add_argument(
+        "--object-token", action="store_true",
+        help="probe only the token under the object's centre (not all tokens concatenated)",
+    )  # fmt: skip
+    ap.add_argument("--mlp", action="store_true", help="also a 2-layer MLP probe (512 wide)")
     ap.add_argument(
         "--side", type=int, default=None, help="resize pictures to this side (default: generation size)"
     )
@@ -61,7 +88,13 @@ def main() -> None:
             images = [Image.open(args.data / r["image"]).convert("RGB").resize((side, side)) for r in chunk]
             out = processor(images=images, return_tensors="pt")
             flat = model.encode_images(out["pixel_values"], out["image_grid_thw"]).float()
-            tokens.append(flat.reshape(len(chunk), -1))
+            if args.object_token:
+                grid = flat.reshape(len(chunk), side // 16, side // 16, -1)
+                for r, g in zip(chunk, grid, strict=True):
+                    o, n = r["scene"]["objects"][0], grid.shape[1]
+                    tokens.append(g[min(int(o["y"] * n), n - 1), min(int(o["x"] * n), n - 1)][None])
+            else:
+                tokens.append(flat.reshape(len(chunk), -1))
     x = torch.cat(tokens)
     result = {"model": str(args.model), "records": args.records, "n": len(records), "side": side,
               "features": x.shape[1]}  # fmt: skip
@@ -69,6 +102,8 @@ def main() -> None:
         labels = [r["scene"]["objects"][0][key] for r in records]
         train, held = ridge_accuracy(x, labels)
         result[key] = {"train": round(train, 4), "heldout": round(held, 4), "classes": len(set(labels))}
+        if args.mlp:
+            result[key]["mlp_heldout"] = round(mlp_accuracy(x, labels), 4)
     print(json.dumps(result))
 
 
