@@ -31,6 +31,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
+class TowerPretrainSection(_Strict):
+    """Dense ShapesWorld pre-training of a random tower before stage 0 (train/tower_pretrain.py)."""
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    # Weight of the per-token pixel reconstruction beside the colour and shape classification; it
+    # keeps the tokens invertible for the decoder that renders generated tokens.
+    recon_weight: float = Field(1.0, ge=0)
+
+
 class ModelSection(_Strict):
     # Where the weights start: 'preset:NAME', a Qwen2.5-VL or ORION directory, or 'previous'
     # (the previous stage's output).
@@ -43,6 +54,9 @@ class ModelSection(_Strict):
     # the recipe's data before training (OrionModel.standardize_visual_tokens); 0 = off.
     standardize_tokens_images: int = Field(0, ge=0)
     standardize_tokens_scale: float = Field(0.1, gt=0)
+    # Stage base from a preset only: pre-train the random tower + merger on a dense objective over
+    # the recipe's ShapesWorld scenes first (the stand-in for Qwen2.5-VL's tower pre-training).
+    tower_pretrain: TowerPretrainSection | None = None
 
 
 class Trainable(_Strict):
@@ -220,6 +234,10 @@ class Recipe(RunRecipe):
             raise ValueError(
                 "model.standardize_tokens_images re-initialises a random tower: stage base from a preset only"
             )
+        if self.model.tower_pretrain is not None and (
+            self.stage != "base" or not self.model.init.startswith("preset:")
+        ):
+            raise ValueError("model.tower_pretrain trains a random tower: stage base from a preset only")
         if self.stage == "base" and (t.head or loss.mse or loss.kl):
             raise ValueError("stage base is understanding-only: no head, mse=kl=0")
         if self.train.global_batch_size % self.train.micro_batch_size:

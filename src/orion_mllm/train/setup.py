@@ -20,14 +20,17 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from orion_mllm.data.shapes.world import Scene
 from orion_mllm.images import ImageSpec
 from orion_mllm.model.orion import ORION_CONFIG_NAME, OrionModel
 from orion_mllm.train.recipe import Recipe
+from orion_mllm.train.tower_pretrain import TowerPretrainResult, TowerPretrainSettings, pretrain_tower
 
 STAGE_ORDER = ("base", "warmup", "pretrain", "sft")
 RUN_INFO = "run.json"
@@ -198,6 +201,44 @@ def standardize_tower(model: OrionModel, recipe: Recipe) -> None:
     if not samples:
         raise SetupError(f"model.standardize_tokens_images: no images in data entry {recipe.data[0].name!r}")
     model.standardize_visual_tokens(samples, recipe.model.standardize_tokens_scale)
+
+
+def recipe_scenes(recipe: Recipe) -> list[Scene]:
+    """The ShapesWorld scenes of the recipe's data entries (records without a ``scene`` are skipped)."""
+    from orion_mllm.data.sources import open_dataset
+
+    scenes = []
+    for entry in recipe.data:
+        source = open_dataset(entry, recipe.data_root, seed=recipe.train.seed)
+        for i in range(len(source)):
+            scene = source.get(i).record.get("scene")
+            if isinstance(scene, dict):
+                try:
+                    scenes.append(Scene.from_dict(scene))
+                except (KeyError, TypeError, ValueError) as err:
+                    raise SetupError(f"data entry {entry.name!r}, record {i}: bad scene: {err}") from err
+    return scenes
+
+
+def pretrain_tower_for_recipe(
+    model: OrionModel, recipe: Recipe, log: Callable[[str], None] | None = None
+) -> TowerPretrainResult | None:
+    """``model.tower_pretrain``: the dense tower pre-training of stage 0 (train/tower_pretrain.py) on the
+    recipe's scenes; deterministic for a given seed. None when the recipe does not ask for it."""
+    section = recipe.model.tower_pretrain
+    if section is None:
+        return None
+    scenes = recipe_scenes(recipe)
+    if not scenes:
+        raise SetupError("model.tower_pretrain: the recipe's data has no ShapesWorld records with a 'scene'")
+    settings = TowerPretrainSettings(
+        steps=section.steps,
+        batch_size=section.batch_size,
+        lr=section.lr,
+        recon_weight=section.recon_weight,
+        seed=recipe.train.seed,
+    )
+    return pretrain_tower(model, scenes, settings, log=log)
 
 
 def apply_trainable(model: OrionModel, recipe: Recipe) -> None:

@@ -39,6 +39,7 @@ from orion_mllm.model.backbone import save_processor
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.model.teacher import load_teacher
 from orion_mllm.sequence import Batch
+from orion_mllm.train import checkpoint as ckpt
 from orion_mllm.train.batches import (
     Prefetcher,
     StepLoader,
@@ -62,6 +63,7 @@ from orion_mllm.train.setup import (
     apply_trainable,
     build_model,
     ensure_shapes_data,
+    pretrain_tower_for_recipe,
     read_run_info,
     resolve_init,
     resolve_teacher,
@@ -213,6 +215,14 @@ class Trainer(RunLoop):
                 last,
             )
         model = build_model(r, info["init"])
+        if r.model.tower_pretrain is not None and ckpt.latest_checkpoint(self.run_dir) is None:
+            # A resume loads the pre-trained tower from its checkpoint: no need to train it again.
+            done = pretrain_tower_for_recipe(model, r, log=self._log)
+            self._log(
+                f"tower pre-trained: {done.steps} steps in {done.seconds:.0f} s, token read-out accuracy "
+                f"colour {done.colour_accuracy:.3f} shape {done.shape_accuracy:.3f}, "
+                f"pixel MSE {done.recon_mse:.4f}"
+            )
         standardize_tower(model, r)
         apply_trainable(model, r)
         model.train()
