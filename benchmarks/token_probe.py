@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from orion_mllm.eval.model_eval import read_jsonl
-from orion_mllm.model.orion import OrionModel
+from orion_mllm.model.orion import ORION_CONFIG_NAME, OrionModel
 
 
 def ridge_accuracy(x: torch.Tensor, labels: list[str], lam: float = 1e-2) -> tuple[float, float]:
@@ -76,7 +76,10 @@ def main() -> None:
         "--side", type=int, default=None, help="resize pictures to this side (default: generation size)"
     )
     args = ap.parse_args()
-    model = OrionModel.from_pretrained(args.model).eval()
+    if (args.model / ORION_CONFIG_NAME).is_file():
+        model = OrionModel.from_pretrained(args.model).eval()
+    else:  # a stage-0 export (plain Qwen2.5-VL directory): only its tower is probed
+        model = OrionModel.from_qwen(args.model).eval()
     records = [r for r in read_jsonl(args.data / f"{args.records}.jsonl") if len(r["scene"]["objects"]) == 1]
     records = records[: args.n]
     side = args.side or model.config.image_spec.gen_image_size
