@@ -55,7 +55,7 @@ STEPS = (
     Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 19, "tiny": 1933}),
     Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 23, "tiny": 275}),
     Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 4, "tiny": 112}),
-    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 1160}),
+    Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 1130}),
     Step("stage3_sft", "ORION stage 3: SFT with editing", {"micro": 18, "tiny": 108}),
     Step("model", "final model directory (LLM + head + decoder)", {"micro": 1, "tiny": 1}),
     Step("eval_base", "evaluate the base model (understanding)", {"micro": 2, "tiny": 6}),
