@@ -121,6 +121,11 @@ def pretrain_tower(
         side = rng.choice(sides)
         batch = [scenes[rng.randrange(len(scenes))] for _ in range(settings.batch_size)]
         out = processor(images=[render_scene(s, side) for s in batch], return_tensors="pt")
+        if out["image_grid_thw"][0, 1:].tolist() != [side // spec.patch_size] * 2:
+            raise ValueError(  # the cell labels are drawn for the side asked, not a resized picture
+                f"the image processor resized {side} px pictures to a {out['image_grid_thw'][0].tolist()} "
+                "patch grid; check its min/max pixels against resolution.und_*_long_side"
+            )
         pixels = out["pixel_values"].to(next(visual.parameters()).dtype)
         tokens = visual(pixels, grid_thw=out["image_grid_thw"]).pooler_output.float()
         labels = [cell_labels(s, side, factor) for s in batch]
