@@ -26,6 +26,7 @@ from orion_mllm.losses import (
     cross_entropy_loss,
     kl_divergence_loss,
     mse_loss,
+    response_weights,
     step_loss,
     step_metrics,
 )
@@ -387,6 +388,45 @@ def test_chunked_ce_matches_full_logits(dtype, chunk_size):
         # and against plain fp32 F.cross_entropy, as the model would compute it
         plain = F.cross_entropy(sh @ sw.T, targets)
         assert got.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_weighted_ce_is_the_weighted_mean_of_full_logit_ce(chunk_size):
+    sh, sw, _, _ = make_kl_inputs(dtype=torch.float64)
+    n = sh.shape[0]
+    targets = torch.randint(0, sw.shape[0], (n,))
+    w = torch.rand(n, dtype=torch.float64) + 0.1
+    per_row = F.cross_entropy(sh @ sw.T, targets, reduction="none")
+    ref = (w * per_row).sum() / w.sum()
+    ref_gh, ref_gw = grads_of(ref, sh, sw)
+    got = cross_entropy_loss(sh, sw, targets, chunk_size=chunk_size, row_weights=w)
+    gh, gw = grads_of(got, sh, sw)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-6, atol=1e-10)
+    # Equal weights are the plain mean; bad weights are refused.
+    plain = cross_entropy_loss(sh, sw, targets, row_weights=torch.full((n,), 3.0, dtype=torch.float64))
+    assert plain.item() == pytest.approx(F.cross_entropy(sh @ sw.T, targets).item(), rel=1e-9)
+    with pytest.raises(ValueError, match="row_weights must have shape"):
+        cross_entropy_loss(sh, sw, targets, row_weights=w[:-1])
+    with pytest.raises(ValueError, match="finite, >= 0 and not all zero"):
+        cross_entropy_loss(sh, sw, targets, row_weights=torch.zeros(n))
+
+
+def test_response_weights_square_averaging():
+    """Runs of consecutive targets are responses (turns and packed samples are split by prompt
+    positions); ``square`` weighs each target 1/sqrt(its response's length), row-major."""
+    valid = torch.tensor([
+        [0, 1, 1, 1, 1, 0, 0, 1],  # a 4-token answer, then a 1-token one running to the row's end
+        [1, 1, 0, 1, 1, 1, 1, 1],  # a 2-token response opening the row, then a 5-token one
+    ], dtype=torch.bool)  # fmt: skip
+    got = response_weights(valid, "square")
+    want = [0.5] * 4 + [1.0] + [2**-0.5] * 2 + [5**-0.5] * 5
+    torch.testing.assert_close(got, torch.tensor(want))
+    assert torch.equal(response_weights(valid, "token"), torch.ones(12))
+    assert response_weights(torch.zeros(2, 3, dtype=torch.bool)).numel() == 0
+    with pytest.raises(ValueError, match="choose one of token, square"):
+        response_weights(valid, "sample")
 
 
 def test_ce_rejects_bad_targets():

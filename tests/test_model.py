@@ -52,6 +52,42 @@ def test_forward_terms_match_direct_computation(fresh_micro):
     assert out.num_text_targets == int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def test_square_ce_weighting_weighs_each_answer_by_its_length(fresh_micro):
+    """ce_weighting="square": the CE is the mean of per-token CE weighted 1/sqrt(answer length),
+    from full logits; "token" stays the plain mean."""
+    model = fresh_micro.eval()
+    batch = make_batches(model, demo_conversations(3), batch_size=4)[0]
+    weights = LossWeights(1.0, 0.0, 0.0)
+    with torch.no_grad():
+        square = model(batch, weights, ce_weighting="square").terms.ce
+        token = model(batch, weights, ce_weighting="token").terms.ce
+        hidden = model.backbone.model.language_model(
+            inputs_embeds=model.backbone.model.language_model.embed_tokens(batch.input_ids).masked_scatter(
+                (batch.input_ids == model.backbone.config.image_token_id)[..., None], batch.visual_tokens
+            ),
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).last_hidden_state
+        logits = model.backbone.lm_head(hidden)[:, :-1]
+    labels = batch.labels[:, 1:]
+    valid = labels != IGNORE_INDEX
+    per_token = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="none")
+    # Answer lengths by hand: runs of consecutive labelled positions, row by row.
+    lengths = []
+    for row in valid.tolist():
+        run = 0
+        for v in [*row, False]:
+            if v:
+                run += 1
+            elif run:
+                lengths += [run] * run
+                run = 0
+    w = torch.tensor(lengths, dtype=torch.float32).rsqrt()
+    assert len(set(lengths)) > 1  # answers of different lengths, or the test would not tell
+    assert square.item() == pytest.approx(((w * per_token).sum() / w.sum()).item(), rel=1e-5)
+    assert token.item() == pytest.approx(per_token.mean().item(), rel=1e-5)
+
+
 def test_kl_after_drift_matches_reference_and_reaches_only_student(fresh_micro):
     model = fresh_micro
     teacher = make_teacher(model)

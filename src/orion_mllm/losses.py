@@ -49,6 +49,7 @@ from orion_mllm.kernels.reference import (
 )
 
 __all__ = [
+    "CE_WEIGHTINGS",
     "LossTerms",
     "LossWeights",
     "StepLoss",
@@ -56,6 +57,7 @@ __all__ = [
     "cross_entropy_loss",
     "kl_divergence_loss",
     "mse_loss",
+    "response_weights",
     "step_loss",
     "step_metrics",
 ]
@@ -114,12 +116,20 @@ def kl_divergence_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def cross_entropy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+def cross_entropy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_size: int = 1024,
+    *,
+    row_weights: Tensor | None = None,
+) -> Tensor:
     """Mean CE of ``hidden @ weight.T`` against ``targets`` (``[n]`` long, all valid ids), chunked.
 
     Same memory behaviour as :func:`kl_divergence_loss` with the chunked backend. Positions to skip
     (prompt, padding) must be dropped by the caller before the call; there is no ignore_index.
-    ``n == 0`` gives a zero loss that still backpropagates.
+    ``n == 0`` gives a zero loss that still backpropagates. ``row_weights`` ([n], >= 0, not all 0):
+    the weighted mean ``sum(w * CE) / sum(w)`` instead (:func:`response_weights` makes them).
     """
     check_chunk_size(chunk_size)
     check_linear_inputs("ce", hidden, weight)
@@ -139,7 +149,45 @@ def cross_entropy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_si
                 f"targets must be in [0, {weight.shape[0]}), got min {lo} max {hi} "
                 "(drop ignored positions before calling)"
             )
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    if row_weights is not None:
+        if row_weights.shape != targets.shape:
+            raise ValueError(
+                f"row_weights must have shape {tuple(targets.shape)}, got {tuple(row_weights.shape)}"
+            )
+        if targets.numel():
+            total = row_weights.double().sum()
+            if not bool(torch.isfinite(row_weights).all()) or bool((row_weights < 0).any()) or total <= 0:
+                raise ValueError("row_weights must be finite, >= 0 and not all zero")
+            # Scaled to mean 1, so the kernel's plain mean over rows is the weighted mean.
+            row_weights = (row_weights.double() * (targets.numel() / total)).detach()
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, row_weights)
+
+
+CE_WEIGHTINGS = ("token", "square")
+
+
+def response_weights(valid: Tensor, weighting: str = "square") -> Tensor:
+    """Per-target weights of the CE for ``valid`` ([B, S] bool: positions with a text target), in
+    row-major order of its True entries (the order ``valid.nonzero()`` gives).
+
+    A *response* is a run of consecutive target positions in a row (one assistant turn: turns and
+    packed samples are separated by prompt positions, which have no target). ``token``: every target
+    weighs 1 (the plain mean over tokens, where a 40-token caption outweighs a one-token answer 40 to
+    1). ``square``: each target weighs 1 / sqrt(length of its response), InternVL 2.5's "square
+    averaging", between per-token and per-response averaging."""
+    if weighting not in CE_WEIGHTINGS:
+        raise ValueError(f"CE weighting {weighting!r}: choose one of {', '.join(CE_WEIGHTINGS)}")
+    flat = valid.reshape(-1)
+    n = int(flat.sum())
+    if weighting == "token" or n == 0:
+        return torch.ones(n, device=valid.device)
+    # A run starts where a target position follows a non-target one (or opens its row).
+    prev = torch.zeros_like(valid)
+    prev[:, 1:] = valid[:, :-1]
+    starts = (valid & ~prev).reshape(-1)
+    run_id = torch.cumsum(starts.long(), 0)[flat] - 1  # response index of each target position
+    lengths = torch.bincount(run_id).float()
+    return lengths[run_id].rsqrt()
 
 
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -125,22 +125,28 @@ class _KLTarget:
 
 
 class _CrossEntropyTarget:
-    """Target distribution q = one_hot(targets)."""
+    """Target distribution q = one_hot(targets), each row optionally weighted by ``row_weights``."""
 
-    def __init__(self, targets: Tensor) -> None:
+    def __init__(self, targets: Tensor, row_weights: Tensor | None = None) -> None:
         self.targets = targets
+        self.row_weights = row_weights
         self.float_tensors: tuple[Tensor, ...] = ()
 
     def prepare(self, compute_dtype: torch.dtype) -> None:
         pass
 
     def loss_and_grad_(self, logp: Tensor, start: int, end: int, compute_dtype: torch.dtype) -> Tensor:
-        """Return sum_rows -log p[y] and overwrite ``logp`` with d(sum)/d(logits) = p - one_hot(y)."""
+        """Return sum_rows w * -log p[y] and overwrite ``logp`` with d(sum)/d(logits) = w (p - one_hot(y))
+        (w = 1 without row weights)."""
         y = self.targets[start:end].unsqueeze(1)
-        total = -logp.gather(1, y).sum(dtype=torch.float64)
+        picked = logp.gather(1, y)
+        w = None if self.row_weights is None else self.row_weights[start:end].to(logp.dtype).unsqueeze(1)
+        total = -(picked if w is None else picked * w).sum(dtype=torch.float64)
         for r0 in range(0, logp.shape[0], _ROW_BLOCK):
             logp[r0 : r0 + _ROW_BLOCK].exp_()
         logp.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=logp.dtype))
+        if w is not None:
+            logp.mul_(w)
         return total
 
 
@@ -287,13 +293,17 @@ class ChunkedLinearKL(torch.autograd.Function):
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean over positions of CE(hidden @ weight.T, targets), chunked like :class:`ChunkedLinearKL`.
 
-    ``apply(hidden [n,d], weight [V,d], targets [n] long, chunk_size)``.
+    ``apply(hidden [n,d], weight [V,d], targets [n] long, chunk_size, row_weights [n] or None)``; with
+    ``row_weights`` the mean is of ``row_weights * CE`` (no gradient flows into the weights).
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-        return _chunked_forward(ctx, hidden, weight, _CrossEntropyTarget(targets), chunk_size)
+    def forward(
+        ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int,
+        row_weights: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        return _chunked_forward(ctx, hidden, weight, _CrossEntropyTarget(targets, row_weights), chunk_size)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        return (*_chunked_backward(ctx, grad_output), None, None)
+        return (*_chunked_backward(ctx, grad_output), None, None, None)

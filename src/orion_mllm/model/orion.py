@@ -39,6 +39,7 @@ from orion_mllm.losses import (
     cross_entropy_loss,
     kl_divergence_loss,
     mse_loss,
+    response_weights,
 )
 from orion_mllm.model.backbone import (
     build_backbone,
@@ -358,6 +359,7 @@ class OrionModel(nn.Module):
         chunk_size: int = 1024,
         visual_input_noise: float = 0.0,
         noise_schedule: str = "fixed",
+        ce_weighting: str = "token",
     ) -> OrionOutput:
         """One teacher-forced pass: each loss term, unweighted, and its number of targets.
 
@@ -372,6 +374,9 @@ class OrionModel(nn.Module):
         read the same perturbed sequence. ``noise_schedule``: ``fixed`` (that std everywhere) or
         ``uniform`` (each generated image draws its own std uniformly in [0, visual_input_noise], so
         the model sees clean, lightly and heavily corrupted contexts and learns when to trust the text).
+
+        ``ce_weighting``: how the CE averages its targets (``orion_mllm.losses.response_weights``):
+        ``token`` (plain mean) or ``square`` (each response's tokens weigh 1 / sqrt(its length)).
         """
         if weights.kl > 0:
             _check_teacher(teacher)
@@ -406,11 +411,14 @@ class OrionModel(nn.Module):
             terms.mse = mse_loss(self.vision_head(head_input), targets.to(hidden.dtype))
         # labels are unshifted: the hidden at t predicts labels[t + 1].
         shifted = batch.labels[:, 1:]
-        b_idx, t_idx = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+        valid = shifted != IGNORE_INDEX
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
         if weights.ce > 0:
+            row_weights = None if ce_weighting == "token" else response_weights(valid, ce_weighting)
             terms.ce = cross_entropy_loss(
-                hidden[b_idx, t_idx], self.lm_head_weight, shifted[b_idx, t_idx], chunk_size=chunk_size
-            )
+                hidden[b_idx, t_idx], self.lm_head_weight, shifted[b_idx, t_idx], chunk_size=chunk_size,
+                row_weights=row_weights,
+            )  # fmt: skip
         if weights.kl > 0:
             teacher_hidden = teacher(batch, visual_tokens)
             terms.kl = kl_divergence_loss(

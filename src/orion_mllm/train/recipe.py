@@ -124,6 +124,11 @@ class TrainSection(StepsSection):
         description="share of generation/editing samples trained without their request text "
         "(the unconditional branch of token-space classifier-free guidance)",
     )  # fmt: skip
+    ce_weighting: Literal["token", "square"] = Field(
+        "token", description="token: the CE is the mean over answer tokens; square: each response's tokens "
+        "weigh 1/sqrt(its length) (InternVL 2.5's square averaging), so one-word answers are not drowned "
+        "by long captions",
+    )  # fmt: skip
 
 
 class ResolutionSection(_Strict):

@@ -41,13 +41,16 @@ def train_step(
     step: int | None = None,
     visual_input_noise: float = 0.0,
     noise_schedule: str = "fixed",
+    ce_weighting: str = "token",
 ) -> dict[str, Any]:
     """Forward + backward of this rank's micro-batches, then clip and (unless skipped) step.
 
     ``step_text`` / ``step_visual``: the step's text / visual targets over all micro-batches and
     ranks. ``n_micro``: the most micro-batches any rank has (default: this rank's); a rank with
     fewer runs dummy repeats of its first, which count 0 but keep FSDP's collectives in step.
-    ``guard`` decides whether to skip the update (None: always step).
+    ``guard`` decides whether to skip the update (None: always step). ``ce_weighting`` ``square``: each
+    micro-batch's CE is its response-weighted mean (``OrionModel.forward``), combined across
+    micro-batches by their target counts like the plain mean.
     Returns ``loss``, ``ce``, ``mse``, ``kl`` (``step_metrics``), ``grad_norm`` and ``skipped``.
     """
     if not micro_batches:
@@ -62,8 +65,9 @@ def train_step(
             model.set_requires_gradient_sync(i == n_micro - 1)
         with autocast():
             out = model(
-                batch, weights, teacher, visual_input_noise=visual_input_noise, noise_schedule=noise_schedule
-            )
+                batch, weights, teacher, visual_input_noise=visual_input_noise, noise_schedule=noise_schedule,
+                ce_weighting=ce_weighting,
+            )  # fmt: skip
         shares = TargetShares.of(
             text_targets(batch),
             visual_targets(batch),

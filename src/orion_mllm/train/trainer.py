@@ -414,6 +414,7 @@ class Trainer(RunLoop):
             step=step,
             visual_input_noise=self.recipe.train.visual_input_noise,
             noise_schedule=self.recipe.train.visual_input_noise_schedule,
+            ce_weighting=self.recipe.train.ce_weighting,
         )
         record.update(result)
         return record
