@@ -25,24 +25,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from orion_mllm.data.records import encode_record
 from orion_mllm.data.sources import ConversationSource
-from orion_mllm.eval.model_eval import regress_tokens
+from orion_mllm.eval.model_eval import regress_tokens, teacher_forced_tokens
 from orion_mllm.inference.pipeline import OrionPipeline
-from orion_mllm.model.orion import backbone_hidden_states
-from orion_mllm.sequence import attach_visual_tokens, collate
 
 
-@torch.no_grad()
 def teacher_forced(pipe: OrionPipeline, records: list[dict]) -> tuple[torch.Tensor, ...]:
     """Teacher-forced predictions of the target image [R, N, d], the targets and the sources' tokens."""
-    m = pipe.model
-    builder = m.sequence_builder()
-    enc = [attach_visual_tokens(encode_record(builder, r), m.encode_images) for r in records]
-    batch = collate(enc, m.processor.tokenizer.pad_token_id)
-    hidden, _ = backbone_hidden_states(m.backbone, batch, batch.visual_tokens)
-    rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
-    pred = m.predict_visual_tokens(hidden[rows, cols]).float()
+    pred, enc = teacher_forced_tokens(pipe, records)
     sources, targets = [], []
     for e in enc:
         first = int(e.image_num_tokens[0])  # the source image's tokens come first, then the target's

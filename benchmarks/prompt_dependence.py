@@ -25,13 +25,10 @@ from pathlib import Path
 
 import torch
 
-from orion_mllm.data.records import encode_record
 from orion_mllm.data.sources import ConversationSource
-from orion_mllm.eval.model_eval import eval_generation, regress_tokens
+from orion_mllm.eval.model_eval import eval_generation, regress_tokens, teacher_forced_tokens
 from orion_mllm.eval.shapes_gen import prompt_set
 from orion_mllm.inference.pipeline import OrionPipeline
-from orion_mllm.model.orion import backbone_hidden_states
-from orion_mllm.sequence import attach_visual_tokens, collate
 
 
 def distinct_records(root: Path, n: int) -> list[dict]:
@@ -49,16 +46,9 @@ def distinct_records(root: Path, n: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
 def teacher_forced(pipe: OrionPipeline, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced predictions [R, N, d] and the true tokens [R, N, d]."""
-    m = pipe.model
-    builder = m.sequence_builder()
-    enc = [attach_visual_tokens(encode_record(builder, r), m.encode_images) for r in records]
-    batch = collate(enc, m.processor.tokenizer.pad_token_id)
-    hidden, _ = backbone_hidden_states(m.backbone, batch, batch.visual_tokens)
-    rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
-    pred = m.predict_visual_tokens(hidden[rows, cols]).float()
+    pred, enc = teacher_forced_tokens(pipe, records)
     n = enc[0].visual_tokens.shape[0]
     return pred.view(len(records), n, -1), torch.stack([e.visual_tokens.float() for e in enc])
 

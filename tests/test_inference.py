@@ -314,3 +314,30 @@ def test_reply_from_ignores_a_vision_end_sampled_as_text(micro):
     reply = pipe.reply_from(real)
     assert len(reply.images) == 1 and reply.images[0].tokens is tokens
     assert [type(p).__name__ for p in reply.parts] == ["str", "GeneratedImage", "str"]
+
+
+def test_teacher_forced_tokens_start_where_free_running_starts(micro):
+    """eval.model_eval.teacher_forced_tokens (the diagnostics' teacher-forced pass): one prediction per
+    generated-image position, records in order; the first one of each image depends on the request
+    alone, so it equals the engine's first free-running token for that request."""
+    from orion_mllm.eval.model_eval import teacher_forced_tokens
+
+    pipe = OrionPipeline(micro)
+    requests = ["Draw a red circle.", "Two blue squares, please."]
+    records = [
+        {
+            "conversations": [{"from": "human", "value": r}, {"from": "gpt", "value": "<image>"}],
+            "image": _image(k, (48, 48)),
+        }
+        for k, r in enumerate(requests)
+    ]
+    pred, enc = teacher_forced_tokens(pipe, records)
+    n = pipe.engine.image_tokens
+    assert pred.shape == (2 * n, micro.hidden_size) and [e.visual_tokens.shape[0] for e in enc] == [n, n]
+    with torch.no_grad():
+        free = pipe.engine.generate(
+            pipe.image_prompts(requests), SamplingConfig(max_new_tokens=1, allow_images=False)
+        )
+    for k, out in enumerate(free):
+        torch.testing.assert_close(pred[k * n], out.images[0][0].float(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pred[0], pred[n])  # the two requests differ

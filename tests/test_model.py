@@ -21,6 +21,17 @@ def fresh_micro() -> OrionModel:
     return OrionModel.from_preset("micro", seed=1)
 
 
+def _naive_hidden(model: OrionModel, batch) -> torch.Tensor:
+    """The LLM's last hidden states computed the plain way (visual tokens scattered into the embeddings)."""
+    return model.backbone.model.language_model(
+        inputs_embeds=model.backbone.model.language_model.embed_tokens(batch.input_ids).masked_scatter(
+            (batch.input_ids == model.backbone.config.image_token_id)[..., None], batch.visual_tokens
+        ),
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).last_hidden_state
+
+
 def test_forward_terms_match_direct_computation(fresh_micro):
     model = fresh_micro.eval()
     teacher = make_teacher(model)
@@ -28,13 +39,7 @@ def test_forward_terms_match_direct_computation(fresh_micro):
     weights = LossWeights(1.0, 1.0, 0.01)
     out = model(batch, weights, teacher=teacher)
     # Recompute each term from full logits / head outputs, the naive way.
-    hidden = model.backbone.model.language_model(
-        inputs_embeds=model.backbone.model.language_model.embed_tokens(batch.input_ids).masked_scatter(
-            (batch.input_ids == model.backbone.config.image_token_id)[..., None], batch.visual_tokens
-        ),
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-    ).last_hidden_state
+    hidden = _naive_hidden(model, batch)
     logits = model.backbone.lm_head(hidden)
     ce = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -61,14 +66,7 @@ def test_square_ce_weighting_weighs_each_answer_by_its_length(fresh_micro):
     with torch.no_grad():
         square = model(batch, weights, ce_weighting="square").terms.ce
         token = model(batch, weights, ce_weighting="token").terms.ce
-        hidden = model.backbone.model.language_model(
-            inputs_embeds=model.backbone.model.language_model.embed_tokens(batch.input_ids).masked_scatter(
-                (batch.input_ids == model.backbone.config.image_token_id)[..., None], batch.visual_tokens
-            ),
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        ).last_hidden_state
-        logits = model.backbone.lm_head(hidden)[:, :-1]
+        logits = model.backbone.lm_head(_naive_hidden(model, batch))[:, :-1]
     labels = batch.labels[:, 1:]
     valid = labels != IGNORE_INDEX
     per_token = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="none")

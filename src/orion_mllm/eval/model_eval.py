@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from orion_mllm.data.records import encode_record
 from orion_mllm.data.shapes.datasets import write_shapes_dataset
 from orion_mllm.data.shapes.scorer import score_images
 from orion_mllm.eval.shapes_gen import GenPrompt, prompt_set, score_folder
@@ -28,6 +29,8 @@ from orion_mllm.images import load_image
 from orion_mllm.inference.engine import SamplingConfig
 from orion_mllm.inference.pipeline import OrionPipeline
 from orion_mllm.inference.session import ChatSession, GeneratedImage, UserImage
+from orion_mllm.model.orion import backbone_hidden_states
+from orion_mllm.sequence import EncodedConversation, attach_visual_tokens, collate
 
 EVAL_SEED = 90_210  # no recipe generates training data with this seed
 IMAGE_PLACEHOLDER = "<image>"
@@ -147,6 +150,22 @@ def regress_tokens(
         bar.update(len(chunk))
     bar.close()
     return tokens
+
+
+@torch.no_grad()
+def teacher_forced_tokens(
+    pipe: OrionPipeline, records: Sequence[dict[str, Any]]
+) -> tuple[torch.Tensor, list[EncodedConversation]]:
+    """One teacher-forced pass over ``records`` (true visual tokens fed as inputs, as in training):
+    the vision head's predictions at every generated-image position [n, d] (records in order), and
+    the encoded records, whose ``visual_tokens`` hold every image's true tokens in order."""
+    m = pipe.model
+    builder = m.sequence_builder()
+    enc = [attach_visual_tokens(encode_record(builder, r), m.encode_images) for r in records]
+    batch = collate(enc, m.processor.tokenizer.pad_token_id)
+    hidden, _ = backbone_hidden_states(m.backbone, batch, batch.visual_tokens)
+    rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
+    return m.predict_visual_tokens(hidden[rows, cols]).float(), enc
 
 
 def render_tokens(
@@ -296,5 +315,6 @@ __all__ = [
     "regress_tokens",
     "render_tokens",
     "session_from_turns",
+    "teacher_forced_tokens",
     "training_captions",
 ]
