@@ -7,7 +7,10 @@ Takes the single-object text-to-image records (canonical layout: one medium obje
 their images with the model's tower (as training does) and fits ridge-regularised least-squares
 classifiers (one-hot targets) on the concatenated tokens, for the object's colour and its shape; 80%
 train / 20% held out. High held-out accuracy means the tower hands the LLM the answer linearly; low
-means the LLM must recover it through non-linear work (or cannot). Prints one JSON object last.
+means the LLM must recover it through non-linear work (or cannot). ``--object-token --position`` also
+probes the grid row and column of the object's token (does a token say where it is? the LLM's attention
+values carry no position, so position questions need it); ``majority`` is the no-information
+baseline. Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--mlp", action="store_true", help="also a 2-layer MLP probe (512 wide)")
     ap.add_argument(
+        "--position", action="store_true",
+        help="with --object-token: also probe the token's own grid row and column (does the token say "
+        "where it is? position questions need it)",
+    )  # fmt: skip
+    ap.add_argument(
         "--side", type=int, default=None, help="resize pictures to this side (default: generation size)"
     )
     args = ap.parse_args()
@@ -84,7 +92,7 @@ def main() -> None:
     records = records[: args.n]
     side = args.side or model.config.image_spec.gen_image_size
     processor = model.processor.image_processor
-    tokens = []
+    tokens, cells = [], []
     with torch.no_grad():
         for start in range(0, len(records), 64):
             chunk = records[start : start + 64]
@@ -95,16 +103,26 @@ def main() -> None:
                 grid = flat.reshape(len(chunk), side // 16, side // 16, -1)
                 for r, g in zip(chunk, grid, strict=True):
                     o, n = r["scene"]["objects"][0], grid.shape[1]
-                    tokens.append(g[min(int(o["y"] * n), n - 1), min(int(o["x"] * n), n - 1)][None])
+                    row, col = min(int(o["y"] * n), n - 1), min(int(o["x"] * n), n - 1)
+                    tokens.append(g[row, col][None])
+                    cells.append({"row": str(row), "col": str(col)})
             else:
                 tokens.append(flat.reshape(len(chunk), -1))
     x = torch.cat(tokens)
     result = {"model": str(args.model), "records": args.records, "n": len(records), "side": side,
               "features": x.shape[1]}  # fmt: skip
-    for key in ("colour", "shape"):
-        labels = [r["scene"]["objects"][0][key] for r in records]
+    if args.position and not args.object_token:
+        raise SystemExit("--position needs --object-token (it probes the object's own token)")
+    keys = ("colour", "shape", "row", "col") if args.position else ("colour", "shape")
+    for key in keys:
+        if key in ("row", "col"):
+            labels = [c[key] for c in cells]
+        else:
+            labels = [r["scene"]["objects"][0][key] for r in records]
         train, held = ridge_accuracy(x, labels)
-        result[key] = {"train": round(train, 4), "heldout": round(held, 4), "classes": len(set(labels))}
+        majority = max(labels.count(c) for c in set(labels)) / len(labels)  # the no-information baseline
+        result[key] = {"train": round(train, 4), "heldout": round(held, 4), "classes": len(set(labels)),
+                       "majority": round(majority, 4)}  # fmt: skip
         if args.mlp:
             result[key]["mlp_heldout"] = round(mlp_accuracy(x, labels), 4)
     print(json.dumps(result))

@@ -21,6 +21,7 @@ from orion_mllm.train.tower_pretrain import (
     SHAPE_CLASSES,
     TowerPretrainSettings,
     cell_labels,
+    cell_places,
     picture_sides,
     pretrain_tower,
 )
@@ -95,12 +96,41 @@ def test_pretraining_teaches_the_tower_and_only_the_tower():
     assert len(SHAPE_CLASSES) == len(SHAPES) + 1
 
 
+def test_cell_places_are_raster_order_centres():
+    assert cell_places(2).tolist() == [[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]
+    places = cell_places(4)
+    assert places.shape == (16, 2) and places[5].tolist() == [-0.25, -0.25]  # row 1, column 1
+
+
+def test_place_readout_teaches_tokens_where_they_are():
+    """position_weight > 0: each token regresses its own cell; the read-out's cell accuracy rises with
+    steps (a random tower has no absolute position embedding, only 2-D RoPE), and it is off by default."""
+    spec = ImageSpec(
+        patch_size=8, merge_size=2, gen_image_size=32, und_min_long_side=32, und_max_long_side=48
+    )
+    rng = random.Random(1)
+    scenes = [sample_scene(rng, n_objects=rng.randint(1, 3)) for _ in range(64)]
+    results = []
+    for steps in (1, 80):
+        model = OrionModel.from_preset("micro", seed=0, dtype=torch.float32)
+        model.config.image_spec = spec
+        settings = TowerPretrainSettings(steps=steps, batch_size=16, lr=3e-3, position_weight=5.0)
+        results.append(pretrain_tower(model, scenes, settings))
+    first, last = results
+    assert last.position_accuracy > first.position_accuracy + 0.2
+    off = pretrain_tower(model, scenes, TowerPretrainSettings(steps=1, batch_size=4))
+    assert off.position_accuracy is None
+
+
 def test_tower_pretrain_is_a_stage_base_option_only():
     warmup = RECIPES / "stage1_warmup.yaml"
     with pytest.raises(RecipeError, match="tower_pretrain trains a random tower: stage base from a preset"):
         load_recipe(warmup, ["model.tower_pretrain={steps: 5}"])
     base = load_recipe(RECIPES / "stage0_base.yaml", ["model.tower_pretrain={steps: 5}"])
     assert base.model.tower_pretrain.steps == 5 and base.model.tower_pretrain.recon_weight == 1.0
+    assert base.model.tower_pretrain.position_weight == 0.0
+    with pytest.raises(RecipeError, match="position_weight"):
+        load_recipe(RECIPES / "stage0_base.yaml", ["model.tower_pretrain={steps: 5, position_weight: -1}"])
     with pytest.raises(RecipeError, match="steps"):
         load_recipe(RECIPES / "stage0_base.yaml", ["model.tower_pretrain={steps: 0}"])
 

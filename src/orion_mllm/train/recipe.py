@@ -40,6 +40,9 @@ class TowerPretrainSection(_Strict):
     # Weight of the per-token pixel reconstruction beside the colour and shape classification; it
     # keeps the tokens invertible for the decoder that renders generated tokens.
     recon_weight: float = Field(1.0, ge=0)
+    # Weight of each token's regression of its own place (row, column) in the picture: the tower has
+    # no absolute position embedding, and position questions need tokens that say where they are.
+    position_weight: float = Field(0.0, ge=0)
 
 
 class ModelSection(_Strict):

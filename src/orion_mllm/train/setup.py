@@ -236,6 +236,7 @@ def pretrain_tower_for_recipe(
         batch_size=section.batch_size,
         lr=section.lr,
         recon_weight=section.recon_weight,
+        position_weight=section.position_weight,
         seed=recipe.train.seed,
     )
     return pretrain_tower(model, scenes, settings, log=log)

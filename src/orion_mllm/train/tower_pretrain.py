@@ -8,7 +8,11 @@ never learned shapes. This module is the stand-in for the tower's own pre-traini
 (the merger's output, one per 2x2 patches) is trained, through linear read-outs, to name the colour
 and the shape of the object covering its cell (or background) and to reconstruct its cell's pixels.
 The classification makes the scene linearly readable; the reconstruction keeps the tokens invertible,
-because the same tokens are the generation targets the diffusion decoder renders.
+because the same tokens are the generation targets the diffusion decoder renders. Optionally
+(``position_weight``) each token also regresses its own place in the picture (row and column centre,
+scaled to [-1, 1]): the tower has no absolute position embedding (2-D RoPE only), and without this a
+token under an object says where it is only slightly better than chance (benchmarks/token_probe.py
+--position), so the LLM, whose attention values carry no position, cannot answer "left of or above?".
 
 Pictures are rendered from the records' scenes at random sizes within the understanding resolution
 range (the sizes stage 0 feeds), so the read-out holds for objects of every size and place. The
@@ -40,6 +44,7 @@ class TowerPretrainSettings:
     batch_size: int = 32
     lr: float = 1e-3
     recon_weight: float = 1.0
+    position_weight: float = 0.0
     seed: int = 0
 
 
@@ -51,6 +56,7 @@ class TowerPretrainResult:
     shape_accuracy: float
     recon_mse: float
     class_loss: float  # colour + shape cross-entropy over every cell, last 10% of steps
+    position_accuracy: float | None = None  # tokens whose read-out place rounds to their own cell
 
 
 def cell_labels(scene: Scene, side: int, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +84,12 @@ def cell_labels(scene: Scene, side: int, cell: int) -> tuple[torch.Tensor, torch
         colour[mine] = COLOUR_CLASSES.index(obj.colour)
         shape[mine] = SHAPE_CLASSES.index(obj.shape)
     return colour, shape
+
+
+def cell_places(grid: int) -> torch.Tensor:
+    """(row, column) centres of a ``grid`` x ``grid`` token grid, raster order, in [-1, 1]: [grid*grid, 2]."""
+    centre = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    return torch.stack(torch.meshgrid(centre, centre, indexing="ij"), -1).reshape(-1, 2)
 
 
 def picture_sides(min_side: int, max_side: int, factor: int) -> list[int]:
@@ -109,6 +121,7 @@ def pretrain_tower(
     torch.manual_seed(settings.seed)
     colour_head = torch.nn.Linear(width, len(COLOUR_CLASSES))
     shape_head = torch.nn.Linear(width, len(SHAPE_CLASSES))
+    place_head = torch.nn.Linear(width, 2) if settings.position_weight > 0 else None
     was_training = visual.training
     visual.train()
     visual.requires_grad_(True)
@@ -135,7 +148,7 @@ def pretrain_tower(
         if recon_head is None:  # its width (merge^2 patches x channels) is known once a batch is made
             recon_head = torch.nn.Linear(width, target.shape[1])
             params = [*visual.parameters(), *colour_head.parameters(), *shape_head.parameters(),
-                      *recon_head.parameters()]  # fmt: skip
+                      *recon_head.parameters(), *(place_head.parameters() if place_head else ())]  # fmt: skip
             optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.95))
         lr = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for group in optimizer.param_groups:
@@ -144,6 +157,15 @@ def pretrain_tower(
         recon = F.mse_loss(recon_head(tokens), target)
         classify = F.cross_entropy(colour_logits, colour) + F.cross_entropy(shape_logits, shape)
         loss = classify + settings.recon_weight * recon
+        place_acc = float("nan")
+        if place_head is not None:
+            grid = side // factor
+            places = cell_places(grid).repeat(len(batch), 1)
+            predicted = place_head(tokens)
+            loss = loss + settings.position_weight * F.mse_loss(predicted, places)
+            with torch.no_grad():  # the predicted cell: nearest centre along each axis
+                cell = ((predicted + 1) / 2 * grid).floor().clamp(0, grid - 1)
+                place_acc = (cell == ((places + 1) / 2 * grid).floor()).all(1).float().mean().item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -152,15 +174,16 @@ def pretrain_tower(
             objects = colour > 0  # accuracy on object cells: background is most cells and easy
             c_acc = _accuracy(colour_logits[objects], colour[objects])
             s_acc = _accuracy(shape_logits[objects], shape[objects])
-        history.append((c_acc, s_acc, recon.item(), classify.item()))
+        history.append((c_acc, s_acc, recon.item(), classify.item(), place_acc))
         if log is not None and (step + 1) % max(1, settings.steps // 10) == 0:
-            c, s, r, _ = _mean_tail(history, settings.steps)
+            c, s, r, _, p = _mean_tail(history, settings.steps)
+            place = f" place {p:.3f}" if place_head is not None else ""
             log(
-                f"tower pre-training {step + 1}/{settings.steps}: colour {c:.3f} shape {s:.3f} "
+                f"tower pre-training {step + 1}/{settings.steps}: colour {c:.3f} shape {s:.3f}{place} "
                 f"recon {r:.4f} ({time.perf_counter() - t0:.0f} s)"
             )
     visual.train(was_training)
-    c, s, r, ce = _mean_tail(history, settings.steps)
+    c, s, r, ce, p = _mean_tail(history, settings.steps)
     return TowerPretrainResult(
         steps=settings.steps,
         seconds=time.perf_counter() - t0,
@@ -168,6 +191,7 @@ def pretrain_tower(
         shape_accuracy=s,
         recon_mse=r,
         class_loss=ce,
+        position_accuracy=p if place_head is not None else None,
     )
 
 

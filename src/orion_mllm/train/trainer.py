@@ -218,9 +218,10 @@ class Trainer(RunLoop):
         if r.model.tower_pretrain is not None and ckpt.latest_checkpoint(self.run_dir) is None:
             # A resume loads the pre-trained tower from its checkpoint: no need to train it again.
             done = pretrain_tower_for_recipe(model, r, log=self._log)
+            place = "" if done.position_accuracy is None else f" place {done.position_accuracy:.3f}"
             self._log(
                 f"tower pre-trained: {done.steps} steps in {done.seconds:.0f} s, token read-out accuracy "
-                f"colour {done.colour_accuracy:.3f} shape {done.shape_accuracy:.3f}, "
+                f"colour {done.colour_accuracy:.3f} shape {done.shape_accuracy:.3f}{place}, "
                 f"pixel MSE {done.recon_mse:.4f}"
             )
         standardize_tower(model, r)
