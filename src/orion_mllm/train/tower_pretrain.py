@@ -10,9 +10,11 @@ and the shape of the object covering its cell (or background) and to reconstruct
 The classification makes the scene linearly readable; the reconstruction keeps the tokens invertible,
 because the same tokens are the generation targets the diffusion decoder renders. Optionally
 (``position_weight``) each token also regresses its own place in the picture (row and column centre,
-scaled to [-1, 1]): the tower has no absolute position embedding (2-D RoPE only), and without this a
-token under an object says where it is only slightly better than chance (benchmarks/token_probe.py
---position), so the LLM, whose attention values carry no position, cannot answer "left of or above?".
+scaled to [-1, 1]): the tower has no absolute position embedding (2-D RoPE only), and without this the
+token under an object tells its row no better than guessing the commonest row (benchmarks/token_probe.py
+--position), while the LLM's attention values carry no position either. With it the probe reads row
+and column ~0.8, but the tiny LLM still did not learn position questions (benchmarks/SMALL_SCALE.md,
+session 5), so the shipped recipe leaves it off.
 
 Pictures are rendered from the records' scenes at random sizes within the understanding resolution
 range (the sizes stage 0 feeds), so the read-out holds for objects of every size and place. The
