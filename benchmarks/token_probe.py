@@ -84,6 +84,8 @@ def main() -> None:
         "--side", type=int, default=None, help="resize pictures to this side (default: generation size)"
     )
     args = ap.parse_args()
+    if args.position and not args.object_token:  # checked before the (slow) encoding of every picture
+        raise SystemExit("--position needs --object-token (it probes the object's own token)")
     if (args.model / ORION_CONFIG_NAME).is_file():
         model = OrionModel.from_pretrained(args.model).eval()
     else:  # a stage-0 export (plain Qwen2.5-VL directory): only its tower is probed
@@ -111,8 +113,6 @@ def main() -> None:
     x = torch.cat(tokens)
     result = {"model": str(args.model), "records": args.records, "n": len(records), "side": side,
               "features": x.shape[1]}  # fmt: skip
-    if args.position and not args.object_token:
-        raise SystemExit("--position needs --object-token (it probes the object's own token)")
     keys = ("colour", "shape", "row", "col") if args.position else ("colour", "shape")
     for key in keys:
         if key in ("row", "col"):
