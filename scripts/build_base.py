@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=2 python scripts/build_base.py --preset tiny [--work runs/build-base-tiny]
 
-Trains ``recipes/shapes/PRESET/stage0_base.yaml`` exactly as ``orion quickstart --from-scratch``
-would (same recipe, no overrides; the data is written under ``--work``), then copies the run (model,
-run.json, recipe.yaml) into ``bases/PRESET`` with ``provenance.json``: this command,
-the resolved recipe, seed, git commit, wall time and machine. ``orion quickstart`` then starts from
-it; after any change to that recipe, rerun this (the quickstart refuses a base whose recorded recipe
-differs). Re-running with the same ``--work`` resumes the training. Prints the provenance as JSON last.
+Trains stage 0's phases (``recipes/shapes/PRESET/stage0_base.yaml``, then ``stage0_mcq.yaml`` and
+``stage0_recap.yaml`` where the preset has them; ``orion_mllm.workflow.stage0``) exactly as ``orion
+quickstart --from-scratch`` would (same recipes, no overrides; the data is written under ``--work``),
+then copies the last phase's run (model, run.json, recipe.yaml) into ``bases/PRESET`` with
+``provenance.json``: this command, each phase's resolved recipe, seed, git commit, wall time and
+machine. ``orion quickstart`` then starts from it; after any change to those recipes, rerun this (the
+quickstart refuses a base whose recorded recipes differ). Re-running with the same ``--work`` resumes
+the training. Prints the provenance as JSON last.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from orion_mllm.workflow.committed_base import bases_root, build_base, folder_bytes
 from orion_mllm.workflow.quickstart import recipe_path
+from orion_mllm.workflow.stage0 import stage0_recipe_files
 
 
 def main() -> int:
@@ -30,10 +33,13 @@ def main() -> int:
     work = args.work or Path(f"runs/build-base-{args.preset}")
     target = bases_root() / args.preset
     command = "python scripts/build_base.py " + shlex.join(sys.argv[1:])
-    provenance = build_base(recipe_path(args.preset, "stage0_base"), target, work, command=command)
+    provenance = build_base(
+        stage0_recipe_files(recipe_path(args.preset, "stage0_base")), target, work, command=command
+    )
     minutes = provenance["wall_seconds"] / 60
     print(f"{target}: {folder_bytes(target) / 2**20:.1f} MB, {minutes:.1f} min of training")
-    print(json.dumps({k: v for k, v in provenance.items() if k != "recipe"}))
+    phases = [{k: v for k, v in p.items() if k != "recipe"} for p in provenance["phases"]]
+    print(json.dumps({**provenance, "phases": phases}))
     return 0
 
 

@@ -20,13 +20,14 @@ from orion_mllm.workflow.committed_base import (
     folder_bytes,
 )
 from orion_mllm.workflow.quickstart import Quickstart, recipe_path
+from orion_mllm.workflow.stage0 import stage0_recipe_files
 
 
 def test_the_committed_tiny_base_loads_matches_its_recipe_and_is_small():
     folder = committed_base("tiny")
     assert folder is not None, "bases/tiny is missing: python scripts/build_base.py --preset tiny"
     # What `orion quickstart` (no smoke caps) would train in stage 0, data_root aside.
-    provenance = check_base(folder, recipe_path("tiny", "stage0_base"), [])
+    provenance = check_base(folder, stage0_recipe_files(recipe_path("tiny", "stage0_base")), [])
     assert provenance["command"].startswith("python scripts/build_base.py")
     assert provenance["seed"] == 0 and provenance["wall_seconds"] > 0 and provenance["steps"] > 0
     assert folder_bytes(folder) <= MAX_BYTES
@@ -47,7 +48,7 @@ def micro_base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bases")
     work = tmp_path_factory.mktemp("build")
     recipe = recipe_path("micro", "stage0_base")
-    build_base(recipe, root / "micro", work, ["train.max_steps=4"], command="test")
+    build_base([recipe], root / "micro", work, ["train.max_steps=4"], command="test")
     return root
 
 
@@ -95,9 +96,56 @@ def test_recipe_keys_added_after_the_build_count_as_their_defaults(micro_base, t
     folder = tmp_path / "micro"
     shutil.copytree(micro_base / "micro", folder)
     provenance = json.loads((folder / "provenance.json").read_text())
-    del provenance["recipe"]["trainable"]["merger"]  # as written before trainable.merger existed
+    del provenance["phases"][0]["recipe"]["trainable"]["merger"]  # as written before trainable.merger existed
     (folder / "provenance.json").write_text(json.dumps(provenance))
-    recipe = recipe_path("micro", "stage0_base")
+    recipe = [recipe_path("micro", "stage0_base")]
     assert check_base(folder, recipe, ["train.max_steps=4"])["command"] == "test"
     with pytest.raises(BaseMismatch, match=r"trainable\.merger"):
         check_base(folder, recipe, ["train.max_steps=4", "trainable.merger=true"])
+
+
+def test_stage0_phases_train_in_order_are_recorded_and_checked(tmp_path):
+    """A stage 0 in two phases (the second on multiple-choice records only, from the first's model):
+    the base is the last phase's run, provenance records both recipes, and the check refuses a base
+    whose phases differ from the tree's."""
+    import shutil
+
+    from orion_mllm.workflow.stage0 import phase_run_dirs
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    first = recipes / "stage0_base.yaml"
+    shutil.copy(recipe_path("micro", "stage0_base"), first)
+    assert stage0_recipe_files(first) == [first]
+    mcq = first.read_text().replace('init: "preset:micro"', 'init: "runs/shapes-micro/stage0_base/final"')
+    mcq = mcq.replace("standardize_tokens_images: 512", "standardize_tokens_images: 0")
+    mcq = mcq.replace("task: understanding, weight: 1.0}", "task: understanding, weight: 1.0, qtypes: [mcq]}")
+    assert "qtypes: [mcq]" in mcq and "stage0_base/final" in mcq
+    (recipes / "stage0_mcq.yaml").write_text(mcq)
+    files = stage0_recipe_files(first)
+    assert [f.name for f in files] == ["stage0_base.yaml", "stage0_mcq.yaml"]
+
+    work = tmp_path / "work"
+    provenance = build_base(files, tmp_path / "bases" / "micro", work, ["train.max_steps=3"], command="test")
+    first_run, last_run = phase_run_dirs(files, work / "stage0_base")
+    assert first_run == work / "stage0_base.phases" / "stage0_base" and last_run == work / "stage0_base"
+    run = json.loads((last_run / "run.json").read_text())
+    assert run["init"] == str((first_run / "final").resolve())  # the second phase starts from the first
+    assert [Path(p["recipe_file"]).name for p in provenance["phases"]] == [
+        "stage0_base.yaml",
+        "stage0_mcq.yaml",
+    ]
+    assert provenance["steps"] == 6 and [p["steps"] for p in provenance["phases"]] == [3, 3]
+    # Recorded without the model.init override: the phase's own file value, wherever it ran.
+    assert provenance["phases"][1]["recipe"]["model"]["init"] == "runs/shapes-micro/stage0_base/final"
+    assert provenance["phases"][1]["recipe"]["data"][0]["qtypes"] == ["mcq"]
+
+    folder = tmp_path / "bases" / "micro"
+    assert check_base(folder, files, ["train.max_steps=3"])["steps"] == 6
+    with pytest.raises(
+        BaseMismatch, match=r"phases \['stage0_base', 'stage0_mcq'\], the tree has \['stage0_base'\]"
+    ):
+        check_base(folder, files[:1], ["train.max_steps=3"])
+    (recipes / "stage0_mcq.yaml").write_text(mcq.replace("max_lr: 0.002", "max_lr: 0.001"))
+    with pytest.raises(BaseMismatch, match=r"stage0_mcq\.yaml \(differs at optim\.max_lr"):
+        check_base(folder, files, ["train.max_steps=3"])

@@ -130,6 +130,28 @@ def test_conversations_bad_lines(tmp_path):
         src.get(4)
 
 
+def test_conversations_selected_by_qtype(tmp_path):
+    """``qtypes`` keeps only the records of those question types (a curriculum phase's data), in file
+    order; a line that cannot be read stays in, so that it fails by name like any bad line."""
+    mcq, colour = {**LLAVA, "qtype": "mcq"}, {**LLAVA, "qtype": "colour"}
+    lines = [json.dumps({**colour, "id": "c0"}), json.dumps({**mcq, "id": "m0"}), "{oops",
+             json.dumps(LLAVA), json.dumps({**mcq, "id": "m1"})]  # fmt: skip
+    path = write_lines(tmp_path / "und.jsonl", lines)
+    src = open_dataset(entry("und.jsonl", qtypes=["mcq"]), tmp_path)
+    assert len(src) == 3
+    assert [src.get(i).record["id"] for i in (0, 2)] == ["m0", "m1"]
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON"):
+        src.get(1)
+    with pytest.raises(IndexError, match="'ds'"):
+        src.get(3)
+    assert len(open_dataset(entry("und.jsonl", qtypes=["mcq", "colour"]), tmp_path)) == 4
+    assert len(open_dataset(entry("und.jsonl"), tmp_path)) == 5
+    with pytest.raises(ValueError, match=r"'ds': no record of .*und\.jsonl has a qtype in \['count'\]"):
+        open_dataset(entry("und.jsonl", qtypes=["count"]), tmp_path)
+    with pytest.raises(ValueError, match="qtypes selects conversation records, not captions"):
+        entry("caps.txt", "captions", qtypes=["mcq"])
+
+
 def test_conversations_survive_pickling_and_bom(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(SWIFT).encode() + b"\n" + json.dumps(LLAVA).encode())

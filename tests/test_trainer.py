@@ -163,6 +163,10 @@ def test_recipe_keys_added_since_a_run_count_as_their_defaults_on_resume():
     assert "guidance" in recipe_changes(saved, current)
     current["guidance"], current["train"]["prompt_dropout"] = 2.0, 0.1
     assert recipe_changes(saved, current, Recipe) == ["guidance", "train.prompt_dropout"]
+    # Inside a data entry too (the entries are compared one by one, by position).
+    assert "qtypes" not in saved["data"][0]
+    current["data"][0]["qtypes"] = ["mcq"]
+    assert recipe_changes(saved, current, Recipe) == ["data.0.qtypes", "guidance", "train.prompt_dropout"]
 
 
 def test_incomplete_checkpoint_is_never_loaded(tmp_path, micro_model):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class DatasetEntry(BaseModel):
@@ -22,3 +22,15 @@ class DatasetEntry(BaseModel):
     task: Literal["understanding", "generation", "editing", "mixed"]
     weight: float = Field(gt=0, description="relative sampling weight within the mixture")
     image_root: str | None = None
+    qtypes: tuple[str, ...] | None = Field(
+        default=None,
+        min_length=1,
+        description="keep only the records whose 'qtype' field is one of these (ShapesWorld records carry "
+        "one); for one phase of a curriculum, e.g. multiple choice only",
+    )
+
+    @model_validator(mode="after")
+    def _qtypes_need_conversations(self) -> DatasetEntry:
+        if self.qtypes is not None and self.format != "conversations":
+            raise ValueError(f"dataset {self.name!r}: qtypes selects conversation records, not {self.format}")
+        return self

@@ -233,15 +233,38 @@ def _check_record(record: dict[str, Any], where: str) -> None:
 class ConversationSource:
     """A JSONL file of conversation records (LLaVA or ms-swift form)."""
 
-    def __init__(self, name: str, task: str, path: Path, image_root: Path):
+    def __init__(
+        self, name: str, task: str, path: Path, image_root: Path, *, qtypes: tuple[str, ...] | None = None
+    ):
         self.name, self.task = name, task
         self.path, self.image_root = path, image_root
         self._lines = _LineIndex(path)
+        # Line positions of the selected records (None: every line). Selecting reads each record once.
+        self._rows = None if qtypes is None else self._select(qtypes)
+
+    def _select(self, qtypes: tuple[str, ...]) -> np.ndarray:
+        rows, matched = [], 0
+        for i in range(len(self._lines)):
+            try:
+                qtype = _load_json_line(self._lines, i)[1].get("qtype")
+            except DataError:
+                rows.append(i)  # kept so that reading it fails by name (and is counted) like any bad line
+                continue
+            if qtype in qtypes:
+                rows.append(i)
+                matched += 1
+        if not matched:
+            raise ValueError(f"dataset {self.name!r}: no record of {self.path} has a qtype in {list(qtypes)}")
+        return np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return len(self._lines) if self._rows is None else len(self._rows)
 
     def get(self, index: int) -> RawSample:
+        if self._rows is not None:
+            if not 0 <= index < len(self._rows):
+                raise IndexError(f"dataset {self.name!r}: index {index} out of range [0, {len(self._rows)})")
+            index = int(self._rows[index])
         where, record = _load_json_line(self._lines, index)
         record = _resolve_record_images(record, self.image_root)
         _check_record(record, where)
@@ -479,4 +502,4 @@ def open_dataset(entry: DatasetEntry, data_root: str | Path | None, *, seed: int
     image_root = _image_root(entry, data_root, path)
     if entry.format == "captions":
         return CaptionSource(entry.name, entry.task, path, image_root, seed=seed)
-    return ConversationSource(entry.name, entry.task, path, image_root)
+    return ConversationSource(entry.name, entry.task, path, image_root, qtypes=entry.qtypes)

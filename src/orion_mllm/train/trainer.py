@@ -91,6 +91,13 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         for k, v in data.items():
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        # Lists of sections (the data entries) by position, so that a key added to an entry's schema
+        # later (e.g. ``data.0.qtypes``) counts as its default like any other new key.
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
     return {prefix.rstrip("."): data}
 
 

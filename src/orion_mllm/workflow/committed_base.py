@@ -6,13 +6,13 @@ by ``python scripts/build_base.py --preset PRESET`` and kept under ``bases/PRESE
 
 - ``final/``: the base model directory (safetensors, config, tokenizer; a few MB);
 - ``run.json``, ``recipe.yaml``: the trainer's own records of the run (its logs stay out of git);
-- ``provenance.json``: the command, the resolved recipe it was trained with, the seed, the git commit,
-  the wall time and the machine.
+- ``provenance.json``: the command, the resolved recipe of each stage-0 phase it was trained with
+  (``orion_mllm.workflow.stage0``), the seed, the git commit, the wall time and the machine.
 
-``orion quickstart`` uses it for its ``stage0_base`` step when the recipe it would train with (the
-tree's ``recipes/shapes/PRESET/stage0_base.yaml`` plus the quickstart's overrides, ``data_root``
-aside) equals the recorded one, and refuses it otherwise: a base trained by another recipe is never
-used silently. ``--from-scratch`` ignores it and trains stage 0.
+``orion quickstart`` uses it for its ``stage0_base`` step when the phases it would train (the tree's
+``recipes/shapes/PRESET/stage0_*.yaml`` plus the quickstart's overrides, ``data_root`` aside) equal
+the recorded ones, and refuses it otherwise: a base trained by other recipes is never used silently.
+``--from-scratch`` ignores it and trains stage 0.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from orion_mllm.train.recipe import Recipe, load_recipe
+from orion_mllm.workflow.stage0 import phase_run_dirs, train_stage0
 
 PROVENANCE = "provenance.json"
 COPIED = ("final", "run.json", "recipe.yaml", PROVENANCE)  # not the run's logs: only what later stages read
@@ -45,11 +47,20 @@ def bases_root() -> Path:
 
 def recipe_fingerprint(recipe_file: Path, overrides: list[str]) -> dict[str, Any]:
     """The resolved recipe as the trainer would run it, without ``data_root`` (where the data is
-    written does not change it: the data's settings are in ``shapes_data``)."""
-    resolved = load_recipe(recipe_file, [o for o in overrides if not o.startswith("data_root=")])
-    dumped = resolved.model_dump(mode="json")
+    written does not change it: the data's settings are in ``shapes_data``) and without a
+    ``model.init`` override (a later stage-0 phase starts from the previous phase, wherever it ran)."""
+    kept = [o for o in overrides if not o.startswith(("data_root=", "model.init="))]
+    dumped = load_recipe(recipe_file, kept).model_dump(mode="json")
     dumped.pop("data_root", None)
     return dumped
+
+
+def recorded_phases(provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    """The provenance's stage-0 phases (``recipe_file``, ``recipe``); a base built before stage 0 had
+    phases recorded one recipe at the top level."""
+    if isinstance(provenance.get("phases"), list):
+        return provenance["phases"]
+    return [{"recipe_file": provenance.get("recipe_file"), "recipe": provenance.get("recipe")}]
 
 
 def committed_base(preset: str, root: Path | None = None) -> Path | None:
@@ -66,22 +77,33 @@ def read_provenance(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unreadable ({err}); rebuild it with scripts/build_base.py") from None
 
 
-def check_base(folder: Path, recipe_file: Path, overrides: list[str]) -> dict[str, Any]:
-    """The base's provenance if its recorded recipe equals ``recipe_file`` + ``overrides``; else
-    :class:`BaseMismatch` naming the first differing keys."""
+def check_base(folder: Path, recipe_files: Sequence[Path], overrides: list[str]) -> dict[str, Any]:
+    """The base's provenance if its recorded stage-0 phases are ``recipe_files`` + ``overrides``, in
+    order; else :class:`BaseMismatch` naming the first differing phase and keys."""
     provenance = read_provenance(folder)
     from orion_mllm.train.trainer import recipe_changes  # the trainer (torch) only when checking
 
-    recorded, wanted = provenance.get("recipe"), recipe_fingerprint(recipe_file, overrides)
-    # Keys added to recipes since the base was built count as their defaults (as for a resume); here
-    # every key counts, the step cap included: the base must be what this stage 0 would train.
-    keys = recipe_changes(recorded, wanted, Recipe, ignore=()) if isinstance(recorded, dict) else ["recipe"]
-    if keys:
+    phases = recorded_phases(provenance)
+    names = [Path(str(p.get("recipe_file"))).stem for p in phases]
+    wanted_names = [f.stem for f in recipe_files]
+    if names != wanted_names:
         raise BaseMismatch(
-            f"{folder} was trained with another recipe than {recipe_file} (differs at "
-            f"{', '.join(keys[:4])}): rerun with --from-scratch, or rebuild it "
-            "(python scripts/build_base.py)"
+            f"{folder} was trained in the stage-0 phases {names}, the tree has {wanted_names}: rerun with "
+            "--from-scratch, or rebuild it (python scripts/build_base.py)"
         )
+    for phase, recipe_file in zip(phases, recipe_files, strict=True):
+        recorded, wanted = phase.get("recipe"), recipe_fingerprint(recipe_file, overrides)
+        # Keys added to recipes since the base was built count as their defaults (as for a resume);
+        # here every key counts, the step cap included: the base must be what this stage 0 would train.
+        keys = ["recipe"]
+        if isinstance(recorded, dict):
+            keys = recipe_changes(recorded, wanted, Recipe, ignore=())
+        if keys:
+            raise BaseMismatch(
+                f"{folder} was trained with another recipe than {recipe_file} (differs at "
+                f"{', '.join(keys[:4])}): rerun with --from-scratch, or rebuild it "
+                "(python scripts/build_base.py)"
+            )
     if not (folder / "final" / "model.safetensors").is_file():
         raise ValueError(f"{folder}/final/model.safetensors missing: rebuild it with scripts/build_base.py")
     return provenance
@@ -125,34 +147,49 @@ def _git_commit() -> str | None:
 
 
 def build_base(
-    recipe_file: Path, target: Path, work_dir: Path, overrides: list[str] | None = None, command: str = ""
+    recipe_files: Sequence[Path],
+    target: Path,
+    work_dir: Path,
+    overrides: list[str] | None = None,
+    command: str = "",
 ) -> dict[str, Any]:
-    """Train stage 0 with ``recipe_file`` (+ ``overrides``) in ``work_dir`` and keep the run as a
-    committed base in ``target`` (replaced only once the new one is complete). Returns its provenance."""
-    from orion_mllm.train.trainer import Trainer
-
+    """Train stage 0's phases (``recipe_files`` in order, each + ``overrides``) in ``work_dir`` and keep
+    the result as a committed base in ``target`` (replaced only once the new one is complete).
+    Returns its provenance."""
     overrides = list(overrides or [])
-    recipe = load_recipe(recipe_file, overrides)
-    if recipe.stage != "base":
-        raise ValueError(f"{recipe_file}: stage {recipe.stage!r}, a committed base is a stage-0 (base) run")
-    if recipe.data_root is not None and not any(o.startswith("data_root=") for o in overrides):
-        overrides.append(f"data_root={work_dir / 'data' / Path(recipe.data_root).name}")
+    recipes = [load_recipe(f, overrides) for f in recipe_files]
+    for recipe_file, recipe in zip(recipe_files, recipes, strict=True):
+        if recipe.stage != "base":
+            raise ValueError(f"{recipe_file}: stage {recipe.stage!r}, a committed base is stage-0 runs")
+
+    def phase_overrides(recipe_file: Path) -> list[str]:
+        recipe = load_recipe(recipe_file, overrides)
+        if recipe.data_root is None or any(o.startswith("data_root=") for o in overrides):
+            return overrides
+        return [*overrides, f"data_root={work_dir / 'data' / Path(recipe.data_root).name}"]
+
     run_dir = work_dir / "stage0_base"
     t0 = time.time()
-    # The same trainer call as the quickstart's stage-0 step, on the recipe with the data under work_dir.
-    Trainer(load_recipe(recipe_file, overrides), run_dir, recipe_path=str(recipe_file)).run()
+    # The same call as the quickstart's stage-0 step, on the recipes with the data under work_dir.
+    train_stage0(recipe_files, run_dir, phase_overrides)
     seconds = time.time() - t0
+    phases = []
+    for recipe_file, phase_dir in zip(recipe_files, phase_run_dirs(recipe_files, run_dir), strict=True):
+        phases.append({
+            "recipe_file": _repo_relative(recipe_file),
+            "recipe": recipe_fingerprint(recipe_file, phase_overrides(recipe_file)),
+            "steps": json.loads((phase_dir / "run.json").read_text()).get("steps"),
+        })  # fmt: skip
     provenance = {
         "command": command,
-        "recipe_file": _repo_relative(recipe_file),
-        "recipe": recipe_fingerprint(recipe_file, overrides),
-        "seed": recipe.train.seed,
+        "phases": phases,
+        "seed": recipes[0].train.seed,
         "git_commit": _git_commit(),
         "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        "steps": json.loads((run_dir / "run.json").read_text()).get("steps"),
+        "steps": sum(int(p["steps"] or 0) for p in phases),
     }
     (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     install_base(run_dir, target)
@@ -170,4 +207,5 @@ __all__ = [
     "committed_base",
     "install_base",
     "recipe_fingerprint",
+    "recorded_phases",
 ]

@@ -3,12 +3,13 @@
     orion quickstart [--preset tiny|micro] [--out runs/quickstart-tiny]
 
 Steps (each a directory under OUT): ``stage0_base`` (the small base VLM, understanding only, which
-stands in for Qwen2.5-VL's own pretraining and becomes the KL teacher), ``decoder`` (the diffusion
-decoder, trained on the base's frozen visual tokens), ORION's ``stage1_warmup``, ``stage2_pretrain``
-and ``stage3_sft`` (recipes under ``recipes/shapes/PRESET/``), ``model`` (the final model directory:
-stage 3's export with the decoder in ``model/decoder/``, ready for ``orion generate/ask/edit/chat/
-serve``), the evaluations of the base and final models (``eval/``), then ``report.md`` and
-``metrics.json``.
+stands in for Qwen2.5-VL's own pretraining and becomes the KL teacher; trained in phases, see
+``orion_mllm.workflow.stage0``, or copied from the committed base ``bases/PRESET``), ``decoder``
+(the diffusion decoder, trained on the base's frozen visual tokens), ORION's ``stage1_warmup``,
+``stage2_pretrain`` and ``stage3_sft`` (recipes under ``recipes/shapes/PRESET/``), ``model`` (the
+final model directory: stage 3's export with the decoder in ``model/decoder/``, ready for ``orion
+generate/ask/edit/chat/serve``), the evaluations of the base and final models (``eval/``), then
+``report.md`` and ``metrics.json``.
 
 Re-running the same command resumes: a finished step is skipped (``quickstart.json`` records what
 finished and how long it took), and an interrupted training stage continues from its newest
@@ -31,6 +32,7 @@ from typing import Any
 from orion_mllm.train.recipe import DecoderRecipe, load_recipe
 from orion_mllm.workflow.committed_base import check_base, committed_base, install_base
 from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
+from orion_mllm.workflow.stage0 import stage0_recipe_files, train_stage0
 
 PRESETS = ("micro", "tiny")
 STATE_FILE = "quickstart.json"
@@ -191,12 +193,14 @@ class Quickstart:
 
     def _run_step(self, name: str) -> None:
         if name == "stage0_base" and self.base is not None:
-            provenance = check_base(self.base, recipe_path(self.preset, name), self.overrides(name))
+            provenance = check_base(self.base, self.stage0_recipes, self.overrides(name))
             install_base(self.base, self.run_dir(name))
             self.log(
                 f"  using the committed base {self.base} (stage 0, {provenance.get('steps')} steps, "
                 f"{provenance.get('wall_seconds', 0) / 60:.1f} min when built); --from-scratch trains it here"
             )
+        elif name == "stage0_base":
+            train_stage0(self.stage0_recipes, self.run_dir(name), lambda f: self.overrides(f.stem))
         elif name in TRAIN_STAGES:
             train_stage(recipe_path(self.preset, name), self.run_dir(name), self.overrides(name))
         elif name == MODEL_DIR:
@@ -218,6 +222,11 @@ class Quickstart:
             write_report(self)
         else:
             raise AssertionError(name)
+
+    @property
+    def stage0_recipes(self) -> list[Path]:
+        """Stage 0's phases: ``stage0_base.yaml`` and the later ones this preset has, in order."""
+        return stage0_recipe_files(recipe_path(self.preset, "stage0_base"))
 
     @property
     def eval_data(self) -> Path:
