@@ -1,11 +1,14 @@
 """Where a shapes-gen folder loses its points: accuracy per requested shape and the commonest misses.
 
     python benchmarks/gen_misses.py runs/qs/eval/final/gen [--category single_object] [--top 10]
+        [--train-gen runs/qs/data/shapes-tiny/gen.jsonl]
 
 Reads a GenEval-layout folder written by ``orion eval shapes-gen`` (or the quickstart), judges each
 image with the ShapesWorld scorer, and prints, per shape named in the prompts, the share of its
 prompts judged right, then the commonest (requested objects -> detected objects) pairs among the
-misses of ``--category`` (all categories by default). Prints one JSON object last.
+misses of ``--category`` (all categories by default). With ``--train-gen`` (the run's generation
+training file) it also splits the prompts whose caption is not in it by why
+(``orion_mllm.eval.model_eval.unseen_reason``), with the share drawn right. Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import Counter, defaultdict
 from PIL import Image
 
 from orion_mllm.data.shapes.scorer import detect_objects, judge
+from orion_mllm.eval.model_eval import training_captions, unseen_reason
 from orion_mllm.eval.shapes_gen import iter_layout
 
 
@@ -25,7 +29,10 @@ def main() -> None:
     ap.add_argument("folder", help="shapes-gen output folder (GenEval layout)")
     ap.add_argument("--category", default=None, help="only this category's misses (e.g. single_object)")
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--train-gen", default=None, help="the run's gen.jsonl: split unseen captions by reason")
     args = ap.parse_args()
+    seen_captions = training_captions(args.train_gen) if args.train_gen else None
+    unseen: dict[str, list[bool]] = defaultdict(list)
     by_shape: dict[str, list[bool]] = defaultdict(list)
     misses: Counter = Counter()
     n = 0
@@ -35,6 +42,8 @@ def main() -> None:
         n += 1
         for o in spec.objects:
             by_shape[o.shape].append(right)
+        if seen_captions is not None and spec.prompt().removeprefix("a photo of ") not in seen_captions:
+            unseen[unseen_reason(spec)].append(right)
         if not right and args.category in (None, spec.category):
             asked = tuple((o.colour, o.shape, o.count) for o in spec.objects)
             seen = tuple(sorted((d.colour, d.shape) for d in detect_objects(image)))
@@ -48,8 +57,13 @@ def main() -> None:
     ]
     for m in top:
         print(f"{m['count']:3d}  {m['category']}: {m['asked']} -> {m['detected']}")
+    by_reason = {
+        r: {"prompts": len(v), "accuracy": round(sum(v) / len(v), 3)} for r, v in sorted(unseen.items())
+    }
+    for r, v in by_reason.items():
+        print(f"unseen, {r}: {v['accuracy']:.3f} of {v['prompts']} prompts")
     print(json.dumps({"folder": args.folder, "images": n, "per_shape": shapes, "misses": sum(misses.values()),
-                      "top_misses": top}))  # fmt: skip
+                      "top_misses": top, "unseen_by_reason": by_reason}))  # fmt: skip
 
 
 if __name__ == "__main__":

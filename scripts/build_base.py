@@ -9,7 +9,9 @@ then copies the last phase's run (model, run.json, recipe.yaml) into ``bases/PRE
 ``provenance.json``: this command, each phase's resolved recipe, seed, git commit, wall time and
 machine. ``orion quickstart`` then starts from it; after any change to those recipes, rerun this (the
 quickstart refuses a base whose recorded recipes differ). Re-running with the same ``--work`` resumes
-the training. Prints the provenance as JSON last.
+the training. ``--reuse-base`` (e.g. ``bases/tiny``) takes a committed base whose recorded phases are
+the first ones of the tree's as their result and trains only the later phases (the provenance says
+so, with the reused phases' own). Prints the provenance as JSON last.
 """
 
 from __future__ import annotations
@@ -29,13 +31,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
     ap.add_argument("--work", type=Path, default=None, help="run folder (default: runs/build-base-PRESET)")
+    ap.add_argument(
+        "--reuse-base", type=Path, default=None,
+        help="a committed base trained with the tree's first phases: train only the later ones on top of it",
+    )  # fmt: skip
     args = ap.parse_args()
     work = args.work or Path(f"runs/build-base-{args.preset}")
     target = bases_root() / args.preset
     command = "python scripts/build_base.py " + shlex.join(sys.argv[1:])
     provenance = build_base(
-        stage0_recipe_files(recipe_path(args.preset, "stage0_base")), target, work, command=command
-    )
+        stage0_recipe_files(recipe_path(args.preset, "stage0_base")), target, work, command=command,
+        reuse=args.reuse_base,
+    )  # fmt: skip
     minutes = provenance["wall_seconds"] / 60
     print(f"{target}: {folder_bytes(target) / 2**20:.1f} MB, {minutes:.1f} min of training")
     phases = [{k: v for k, v in p.items() if k != "recipe"} for p in provenance["phases"]]

@@ -104,26 +104,32 @@ def test_recipe_keys_added_after_the_build_count_as_their_defaults(micro_base, t
         check_base(folder, recipe, ["train.max_steps=4", "trainable.merger=true"])
 
 
-def test_stage0_phases_train_in_order_are_recorded_and_checked(tmp_path):
-    """A stage 0 in two phases (the second on multiple-choice records only, from the first's model):
-    the base is the last phase's run, provenance records both recipes, and the check refuses a base
-    whose phases differ from the tree's."""
+def two_phase_recipes(folder: Path) -> tuple[list[Path], str]:
+    """The micro stage 0 followed by a multiple-choice-only phase starting from it (and that phase's text)."""
     import shutil
 
-    from orion_mllm.workflow.stage0 import phase_run_dirs
-
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    first = recipes / "stage0_base.yaml"
+    folder.mkdir()
+    first = folder / "stage0_base.yaml"
     shutil.copy(recipe_path("micro", "stage0_base"), first)
     assert stage0_recipe_files(first) == [first]
     mcq = first.read_text().replace('init: "preset:micro"', 'init: "runs/shapes-micro/stage0_base/final"')
     mcq = mcq.replace("standardize_tokens_images: 512", "standardize_tokens_images: 0")
     mcq = mcq.replace("task: understanding, weight: 1.0}", "task: understanding, weight: 1.0, qtypes: [mcq]}")
     assert "qtypes: [mcq]" in mcq and "stage0_base/final" in mcq
-    (recipes / "stage0_mcq.yaml").write_text(mcq)
+    (folder / "stage0_mcq.yaml").write_text(mcq)
     files = stage0_recipe_files(first)
     assert [f.name for f in files] == ["stage0_base.yaml", "stage0_mcq.yaml"]
+    return files, mcq
+
+
+def test_stage0_phases_train_in_order_are_recorded_and_checked(tmp_path):
+    """A stage 0 in two phases (the second on multiple-choice records only, from the first's model):
+    the base is the last phase's run, provenance records both recipes, and the check refuses a base
+    whose phases differ from the tree's."""
+    from orion_mllm.workflow.stage0 import phase_run_dirs
+
+    recipes = tmp_path / "recipes"
+    files, mcq = two_phase_recipes(recipes)
 
     work = tmp_path / "work"
     provenance = build_base(files, tmp_path / "bases" / "micro", work, ["train.max_steps=3"], command="test")
@@ -149,3 +155,28 @@ def test_stage0_phases_train_in_order_are_recorded_and_checked(tmp_path):
     (recipes / "stage0_mcq.yaml").write_text(mcq.replace("max_lr: 0.002", "max_lr: 0.001"))
     with pytest.raises(BaseMismatch, match=r"stage0_mcq\.yaml \(differs at optim\.max_lr"):
         check_base(folder, files, ["train.max_steps=3"])
+
+
+def test_a_base_is_extended_by_later_phases_without_retraining_the_first(micro_base, tmp_path):
+    """--reuse-base: the committed one-phase base is the first phase's result; only the second trains,
+    and the provenance carries the first phase's own record. A base of another recipe is refused."""
+    from orion_mllm.workflow.stage0 import phase_run_dirs
+
+    files, _ = two_phase_recipes(tmp_path / "recipes")
+    old = micro_base / "micro"
+    with pytest.raises(ValueError, match=r"another stage0_base\.yaml \(differs at train\.max_steps"):
+        build_base(files, tmp_path / "x", tmp_path / "wx", ["train.max_steps=3"], reuse=old)
+    work = tmp_path / "work"
+    provenance = build_base(files, tmp_path / "new", work, ["train.max_steps=4"], command="extend", reuse=old)
+    first_run, _ = phase_run_dirs(files, work / "stage0_base")
+    assert not (first_run / "checkpoints").exists()  # copied, not trained
+    assert (first_run / "final" / "model.safetensors").read_bytes() == (
+        old / "final" / "model.safetensors"
+    ).read_bytes()
+    first, second = provenance["phases"]
+    assert first["reused_from"]["command"] == "test" and "reused_from" not in second
+    assert provenance["steps"] == 8 and provenance["command"] == "extend"
+    assert provenance["wall_seconds"] > provenance["wall_seconds_this_build"] > 0
+    assert check_base(tmp_path / "new", files, ["train.max_steps=4"])["command"] == "extend"
+    with pytest.raises(ValueError, match="are not the first of"):
+        build_base(files, tmp_path / "y", tmp_path / "wy", ["train.max_steps=4"], reuse=tmp_path / "new")

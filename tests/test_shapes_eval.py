@@ -73,3 +73,16 @@ def test_geneval_two_object_tag_and_bad_metadata():
         spec_from_metadata(5)
     with pytest.raises(ValueError, match="cannot read a GenEval spec"):
         spec_from_metadata({"spec": {}})
+
+
+def test_unseen_prompts_are_told_apart_by_why_they_are_unseen():
+    """A never-trained colour-shape pair, a never-trained count (extrapolation) and a new combination
+    of trained pairs are reported apart (GenEval's counting prompts ask for four; training stops at 3)."""
+    from orion_mllm.data.shapes.scorer import ObjectSpec, Spec
+    from orion_mllm.eval.model_eval import unseen_reason
+
+    assert unseen_reason(Spec("colors", [ObjectSpec("cross", "orange")])) == "heldout_pair"
+    assert unseen_reason(Spec("counting", [ObjectSpec("star", count=4)])) == "heldout_count"
+    assert unseen_reason(Spec("counting", [ObjectSpec("star", count=3)])) == "new_combination"
+    pair = Spec("color_attr", [ObjectSpec("square", "red"), ObjectSpec("diamond", "green")])
+    assert unseen_reason(pair) == "new_combination"

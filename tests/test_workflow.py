@@ -37,6 +37,9 @@ def test_quickstart_writes_report_metrics_and_a_usable_model(quickstart, capsys)
         assert 0.0 <= metrics[key] <= 1.0, key
     # The smoke set's prompts split into seen and unseen captions (the unseen ones scored apart).
     assert metrics["gen_unseen_prompts"] + metrics["gen_seen_prompts"] == metrics["final_gen"]["samples"]
+    by_reason = metrics["final_gen"]["unseen_by_reason"]
+    assert sum(r["prompts"] for r in by_reason.values()) == metrics["gen_unseen_prompts"]
+    assert set(by_reason) <= {"heldout_pair", "heldout_count", "new_combination"}
     assert math.isfinite(metrics["drift_kl_final"]) and metrics["drift_kl_final"] > 0
     assert metrics["wall_minutes"] > 0
     # The final model carries its decoder, and the inference commands take it as it is.

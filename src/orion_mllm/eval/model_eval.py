@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from orion_mllm.data.records import encode_record
-from orion_mllm.data.shapes.datasets import write_shapes_dataset
-from orion_mllm.data.shapes.scorer import score_images
+from orion_mllm.data.shapes.datasets import HELD_OUT_COUNT, HELD_OUT_PAIRS, write_shapes_dataset
+from orion_mllm.data.shapes.scorer import Spec, judge, score_images
 from orion_mllm.eval.shapes_gen import GenPrompt, prompt_set, score_folder
 from orion_mllm.eval.shapes_und_edit import normalise, score_edits, score_understanding
 from orion_mllm.images import load_image
@@ -198,6 +198,17 @@ def training_captions(gen_jsonl: str | Path) -> set[str]:
     return {r["caption"] for r in read_jsonl(gen_jsonl) if "caption" in r}
 
 
+def unseen_reason(spec: Spec) -> str:
+    """Why a prompt's caption is absent from ShapesWorld training: it names a colour-shape pair no
+    training image holds (``heldout_pair``), a count no training image holds (``heldout_count``:
+    extrapolation), or only a new combination of trained pairs and counts (``new_combination``)."""
+    if any((o.colour, o.shape) in HELD_OUT_PAIRS for o in spec.objects):
+        return "heldout_pair"
+    if any(o.count >= HELD_OUT_COUNT for o in spec.objects):
+        return "heldout_count"
+    return "new_combination"
+
+
 def eval_generation(
     pipe: OrionPipeline, outdir: str | Path, *, prompts: Sequence[GenPrompt] | None = None,
     batch_size: int = 32, seed: int = 0, progress: bool = True, guidance: float | None = None,
@@ -207,7 +218,9 @@ def eval_generation(
 
     With ``seen_captions`` (the training captions) the prompts are also split by whether their caption
     occurs verbatim in training: ``seen`` / ``unseen`` counts and ``unseen_scores`` (the same scorer on
-    the unseen prompts alone), so drawing can be told apart from recalling."""
+    the unseen prompts alone: per category and their mean, GenEval's ``overall``), so drawing can be
+    told apart from recalling; ``unseen_by_reason`` splits them by :func:`unseen_reason` (prompts and
+    share drawn right), since a never-seen count is extrapolation, not composition."""
     outdir = Path(outdir)
     prompts = list(prompts if prompts is not None else prompt_set())
     images = generate_images(
@@ -228,6 +241,13 @@ def eval_generation(
         unseen_scores = score_images(unseen) if unseen else {}
         unseen_scores.pop("n", None)
         scores["unseen_scores"] = unseen_scores
+        by_reason: dict[str, list[bool]] = {}
+        for spec, image in unseen:
+            by_reason.setdefault(unseen_reason(spec), []).append(judge(spec, image))
+        scores["unseen_by_reason"] = {
+            reason: {"prompts": len(hits), "accuracy": sum(hits) / len(hits)}
+            for reason, hits in sorted(by_reason.items())
+        }
     return scores
 
 

@@ -60,7 +60,8 @@ def recorded_phases(provenance: dict[str, Any]) -> list[dict[str, Any]]:
     phases recorded one recipe at the top level."""
     if isinstance(provenance.get("phases"), list):
         return provenance["phases"]
-    return [{"recipe_file": provenance.get("recipe_file"), "recipe": provenance.get("recipe")}]
+    keys = ("recipe_file", "recipe", "steps")
+    return [{k: provenance.get(k) for k in keys}]
 
 
 def committed_base(preset: str, root: Path | None = None) -> Path | None:
@@ -146,16 +147,46 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+def reusable_phases(folder: Path, recipe_files: Sequence[Path], overrides: list[str]) -> list[dict[str, Any]]:
+    """The recorded phases of the base in ``folder`` when they are the first phases of
+    ``recipe_files`` (same names, same resolved recipes); else ValueError naming the difference."""
+    from orion_mllm.train.trainer import recipe_changes
+
+    recorded = recorded_phases(read_provenance(folder))
+    names = [Path(str(p.get("recipe_file"))).stem for p in recorded]
+    wanted = [f.stem for f in recipe_files]
+    if len(names) >= len(wanted) or names != wanted[: len(names)]:
+        raise ValueError(
+            f"{folder}: its phases {names} are not the first of {wanted}; nothing of it can be reused"
+        )
+    for phase, recipe_file in zip(recorded, recipe_files, strict=False):
+        got = phase.get("recipe")
+        keys = (
+            recipe_changes(got, recipe_fingerprint(recipe_file, overrides), Recipe, ignore=())
+            if isinstance(got, dict)
+            else ["recipe"]
+        )
+        if keys:
+            raise ValueError(
+                f"{folder}: trained with another {recipe_file.name} (differs at {', '.join(keys[:4])})"
+            )
+    return recorded
+
+
 def build_base(
     recipe_files: Sequence[Path],
     target: Path,
     work_dir: Path,
     overrides: list[str] | None = None,
     command: str = "",
+    reuse: Path | None = None,
 ) -> dict[str, Any]:
     """Train stage 0's phases (``recipe_files`` in order, each + ``overrides``) in ``work_dir`` and keep
     the result as a committed base in ``target`` (replaced only once the new one is complete).
-    Returns its provenance."""
+
+    ``reuse``: a committed base whose recorded phases are the first of ``recipe_files``; its model is
+    taken as their result and only the later phases train (their provenance is carried over, marked
+    ``reused_from``). Returns the new provenance."""
     overrides = list(overrides or [])
     recipes = [load_recipe(f, overrides) for f in recipe_files]
     for recipe_file, recipe in zip(recipe_files, recipes, strict=True):
@@ -169,12 +200,23 @@ def build_base(
         return [*overrides, f"data_root={work_dir / 'data' / Path(recipe.data_root).name}"]
 
     run_dir = work_dir / "stage0_base"
+    dirs = phase_run_dirs(recipe_files, run_dir)
+    reused: list[dict[str, Any]] = []
+    reused_seconds = 0.0
+    if reuse is not None:
+        reused = reusable_phases(reuse, recipe_files, overrides)
+        old = read_provenance(reuse)
+        origin = {k: old.get(k) for k in ("command", "git_commit", "trained_at", "wall_seconds", "machine")}
+        reused = [{**p, "reused_from": origin} for p in reused]
+        reused_seconds = float(old.get("wall_seconds") or 0)
+        if not (dirs[len(reused) - 1] / "run.json").is_file():
+            install_base(reuse, dirs[len(reused) - 1])  # a finished run there: the trainer skips it
     t0 = time.time()
     # The same call as the quickstart's stage-0 step, on the recipes with the data under work_dir.
     train_stage0(recipe_files, run_dir, phase_overrides)
     seconds = time.time() - t0
-    phases = []
-    for recipe_file, phase_dir in zip(recipe_files, phase_run_dirs(recipe_files, run_dir), strict=True):
+    phases = list(reused)
+    for recipe_file, phase_dir in list(zip(recipe_files, dirs, strict=True))[len(reused) :]:
         phases.append({
             "recipe_file": _repo_relative(recipe_file),
             "recipe": recipe_fingerprint(recipe_file, phase_overrides(recipe_file)),
@@ -186,10 +228,12 @@ def build_base(
         "seed": recipes[0].train.seed,
         "git_commit": _git_commit(),
         "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "wall_seconds": round(seconds, 1),
+        # All phases' training time, the reused ones' as recorded when they were built.
+        "wall_seconds": round(seconds + reused_seconds, 1),
+        "wall_seconds_this_build": round(seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        "steps": sum(int(p["steps"] or 0) for p in phases),
+        "steps": sum(int(p.get("steps") or 0) for p in phases),
     }
     (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     install_base(run_dir, target)
@@ -208,4 +252,5 @@ __all__ = [
     "install_base",
     "recipe_fingerprint",
     "recorded_phases",
+    "reusable_phases",
 ]

@@ -42,6 +42,14 @@ METRIC_KEYS = (
 SCALE = 3  # 64 px ShapesWorld images are shown 3x, nearest-neighbour
 
 
+# How report.md names each reason a prompt is unseen (orion_mllm.eval.model_eval.unseen_reason).
+UNSEEN_REASONS = {
+    "heldout_pair": "its colour-shape pair is in no training image",
+    "heldout_count": "its count is in no training image",
+    "new_combination": "it combines trained pairs anew",
+}
+
+
 def captioned_grid(
     images: Sequence[Image.Image], captions: Sequence[str], cols: int, width: int = 28
 ) -> Image.Image:
@@ -217,6 +225,11 @@ def write_report(qs: Quickstart) -> dict[str, Any]:
             [f"| &nbsp; gen on the {gen['unseen']} prompts whose caption is not in training "
              f"({gen['seen']} are) | - | {metrics['gen_unseen_overall']:.3f} |"]
             if metrics.get("gen_unseen_overall") is not None else []
+        ),
+        *(
+            f"| &nbsp; &nbsp; unseen because {UNSEEN_REASONS.get(k, k)} ({v['prompts']} prompts, share "
+            f"drawn right) | - | {v['accuracy']:.3f} |"
+            for k, v in gen.get("unseen_by_reason", {}).items()
         ),
         f"| shapes-edit overall ({edit_json['edits']} edits) | - | {_pct(edit_json['overall'])} |",
         *(f"| &nbsp; edit {k} | - | {_pct(edit_json[k])} |" for k in edit_ops),
