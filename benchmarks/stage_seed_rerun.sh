@@ -1,0 +1,23 @@
+# ORION's stages 1-3 of a finished tiny quickstart, retrained with another seed on the same base, data and
+# decoder, then shapes-gen and shapes-und of the result: how far drawing moves with the seed alone
+# (issue 16). Usage: bash benchmarks/stage_seed_rerun.sh QS SEED [OUT]
+#   QS: a finished `orion quickstart --preset tiny` folder; OUT: default runs/seed-rerun-<QS name>-s<SEED>.
+# train.seed sets the head's initialisation, the data order and the noise/dropout draws. Prints the
+# two evaluations' JSON (shapes-gen with the unseen split, then shapes-und) last.
+set -euo pipefail
+orion=${ORION:-.venv/bin/orion}  # the repository's environment (scripts/install.sh)
+qs=$(realpath "$1"); seed=$2; out=${3:-runs/seed-rerun-$(basename "$qs")-s$seed}
+data=$qs/data/shapes-tiny
+mkdir -p "$out"
+# The base as a finished sibling run, so stage 1's `init: previous` finds it as it does in the quickstart.
+[ -d "$out/stage0_base" ] || cp -r "$qs/stage0_base" "$out/stage0_base"
+for stage in stage1_warmup stage2_pretrain stage3_sft; do
+  $orion train recipes/shapes/tiny/$stage.yaml --output "$out/$stage" data_root="$data" train.seed="$seed"
+done
+model=$out/model
+if [ ! -d "$model/decoder" ]; then
+  rm -rf "$model"; cp -r "$out/stage3_sft/final" "$model"; cp -r "$qs/model/decoder" "$model/decoder"
+fi
+$orion eval shapes-gen --model "$model" --out "$out/eval/gen" --train-gen "$data/gen.jsonl" 2>/dev/null | tail -n 1 > "$out/gen.json"
+$orion eval shapes-und --model "$model" --data "$qs/data/eval" --size 64 2>/dev/null | tail -n 1 > "$out/und.json"
+cat "$out/gen.json" "$out/und.json"
