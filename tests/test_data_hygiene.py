@@ -84,6 +84,23 @@ def test_older_folders_without_recorded_settings(tmp_path):
         ensure_shapes_data(recipe, progress=False)
 
 
+def test_folders_written_with_other_request_templates_are_refused(tmp_path):
+    """The request wordings are the generator's, not the settings': a folder from before the caption
+    style was added holds other requests and is refused, naming both template counts."""
+    from orion_mllm.data.templates import ALL_TEMPLATES, CAPTION
+
+    root = tmp_path / "data"
+    recipe = _recipe(root)
+    ensure_shapes_data(recipe, progress=False)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["num_templates"] == len(ALL_TEMPLATES) and set(CAPTION) <= set(ALL_TEMPLATES)
+    meta["num_templates"] = len(ALL_TEMPLATES) - len(CAPTION)
+    (root / "meta.json").write_text(json.dumps(meta))
+    want = rf"with 36 request templates, this version has {len(ALL_TEMPLATES)}"
+    with pytest.raises(SetupError, match=want):
+        ensure_shapes_data(recipe, progress=False)
+
+
 def test_recipes_sharing_a_data_root_share_its_settings():
     """Otherwise the second stage of a chain would refuse the first stage's data."""
     seen: dict[str, tuple[Path, dict]] = {}

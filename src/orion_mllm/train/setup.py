@@ -257,6 +257,7 @@ def apply_trainable(model: OrionModel, recipe: Recipe) -> None:
 def check_shapes_settings(root: Path, want: dict[str, Any]) -> None:
     """Refuse a ShapesWorld folder not written with the settings ``want`` (a recipe's ``shapes_data``)."""
     from orion_mllm.data.shapes.datasets import recorded_settings
+    from orion_mllm.data.templates import ALL_TEMPLATES
 
     fix = (
         f"set data_root=NEWDIR to generate the recipe's data there, delete {root}, "
@@ -276,6 +277,13 @@ def check_shapes_settings(root: Path, want: dict[str, Any]) -> None:
     if diff:
         raise SetupError(
             f"data_root={root} holds ShapesWorld data written with other settings ({', '.join(diff)}): {fix}"
+        )
+    # The request templates are part of the generator, not of the settings: a folder written with
+    # another set would train on other wordings (and the report would not say so).
+    if meta.get("num_templates") != len(ALL_TEMPLATES):
+        raise SetupError(
+            f"data_root={root} holds ShapesWorld data written with {meta.get('num_templates')} request "
+            f"templates, this version has {len(ALL_TEMPLATES)}: {fix}"
         )
 
 
