@@ -1,13 +1,15 @@
 # ORION's stages 1-3 of a finished tiny quickstart, retrained with another seed on the same base, data and
 # decoder, then shapes-gen and shapes-und of the result: how far drawing moves with the seed alone
-# (issue 16). Usage: bash benchmarks/stage_seed_rerun.sh QS SEED [OUT]
+# (issue 16). Usage: [DATA=DIR] bash benchmarks/stage_seed_rerun.sh QS SEED [OUT]
 #   QS: a finished `orion quickstart --preset tiny` folder; OUT: default runs/seed-rerun-<QS name>-s<SEED>.
+#   DATA: the ShapesWorld folder to train on (default QS/data/shapes-tiny; a missing one is generated),
+#   e.g. to retrain QS's base with data of today's generator.
 # train.seed sets the head's initialisation, the data order and the noise/dropout draws. Prints the
 # two evaluations' JSON (shapes-gen with the unseen split, then shapes-und) last.
 set -euo pipefail
 orion=${ORION:-.venv/bin/orion}  # the repository's environment (scripts/install.sh)
 qs=$(realpath "$1"); seed=$2; out=${3:-runs/seed-rerun-$(basename "$qs")-s$seed}
-data=$qs/data/shapes-tiny
+data=${DATA:-$qs/data/shapes-tiny}
 mkdir -p "$out"
 # The base as a finished sibling run, so stage 1's `init: previous` finds it as it does in the quickstart.
 [ -d "$out/stage0_base" ] || cp -r "$qs/stage0_base" "$out/stage0_base"

@@ -64,6 +64,18 @@ def recorded_phases(provenance: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: provenance.get(k) for k in keys}]
 
 
+def phase_changes(phase: dict[str, Any], recipe_file: Path, overrides: list[str]) -> list[str]:
+    """The keys where a recorded phase's recipe differs from ``recipe_file`` + ``overrides``. Keys added
+    to recipes since the base was built count as their defaults (as for a resume); every other key
+    counts, the step cap included: the base must be what this stage 0 would train."""
+    from orion_mllm.train.trainer import recipe_changes  # the trainer (torch) only when checking
+
+    recorded = phase.get("recipe")
+    if not isinstance(recorded, dict):
+        return ["recipe"]
+    return recipe_changes(recorded, recipe_fingerprint(recipe_file, overrides), Recipe, ignore=())
+
+
 def committed_base(preset: str, root: Path | None = None) -> Path | None:
     """``bases/PRESET`` if a base is committed for ``preset``."""
     folder = (root or bases_root()) / preset
@@ -82,8 +94,6 @@ def check_base(folder: Path, recipe_files: Sequence[Path], overrides: list[str])
     """The base's provenance if its recorded stage-0 phases are ``recipe_files`` + ``overrides``, in
     order; else :class:`BaseMismatch` naming the first differing phase and keys."""
     provenance = read_provenance(folder)
-    from orion_mllm.train.trainer import recipe_changes  # the trainer (torch) only when checking
-
     phases = recorded_phases(provenance)
     names = [Path(str(p.get("recipe_file"))).stem for p in phases]
     wanted_names = [f.stem for f in recipe_files]
@@ -93,12 +103,7 @@ def check_base(folder: Path, recipe_files: Sequence[Path], overrides: list[str])
             "--from-scratch, or rebuild it (python scripts/build_base.py)"
         )
     for phase, recipe_file in zip(phases, recipe_files, strict=True):
-        recorded, wanted = phase.get("recipe"), recipe_fingerprint(recipe_file, overrides)
-        # Keys added to recipes since the base was built count as their defaults (as for a resume);
-        # here every key counts, the step cap included: the base must be what this stage 0 would train.
-        keys = ["recipe"]
-        if isinstance(recorded, dict):
-            keys = recipe_changes(recorded, wanted, Recipe, ignore=())
+        keys = phase_changes(phase, recipe_file, overrides)
         if keys:
             raise BaseMismatch(
                 f"{folder} was trained with another recipe than {recipe_file} (differs at "
@@ -150,8 +155,6 @@ def _git_commit() -> str | None:
 def reusable_phases(folder: Path, recipe_files: Sequence[Path], overrides: list[str]) -> list[dict[str, Any]]:
     """The recorded phases of the base in ``folder`` when they are the first phases of
     ``recipe_files`` (same names, same resolved recipes); else ValueError naming the difference."""
-    from orion_mllm.train.trainer import recipe_changes
-
     recorded = recorded_phases(read_provenance(folder))
     names = [Path(str(p.get("recipe_file"))).stem for p in recorded]
     wanted = [f.stem for f in recipe_files]
@@ -160,12 +163,7 @@ def reusable_phases(folder: Path, recipe_files: Sequence[Path], overrides: list[
             f"{folder}: its phases {names} are not the first of {wanted}; nothing of it can be reused"
         )
     for phase, recipe_file in zip(recorded, recipe_files, strict=False):
-        got = phase.get("recipe")
-        keys = (
-            recipe_changes(got, recipe_fingerprint(recipe_file, overrides), Recipe, ignore=())
-            if isinstance(got, dict)
-            else ["recipe"]
-        )
+        keys = phase_changes(phase, recipe_file, overrides)
         if keys:
             raise ValueError(
                 f"{folder}: trained with another {recipe_file.name} (differs at {', '.join(keys[:4])})"
@@ -250,6 +248,7 @@ __all__ = [
     "check_base",
     "committed_base",
     "install_base",
+    "phase_changes",
     "recipe_fingerprint",
     "recorded_phases",
     "reusable_phases",
