@@ -34,7 +34,10 @@ def test_the_committed_tiny_base_loads_matches_its_recipe_and_is_small():
     weights = [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     run = json.loads((folder / "run.json").read_text())
-    assert run["stage"] == "base" and run["status"] == "finished" and run["steps"] == provenance["steps"]
+    # The copied run is the last phase's; the provenance counts every phase's steps.
+    phases = provenance["phases"]
+    assert run["stage"] == "base" and run["status"] == "finished" and run["steps"] == phases[-1]["steps"]
+    assert provenance["steps"] == sum(p["steps"] for p in phases)
     backbone, processor = load_backbone(folder / "final")
     ids = processor.tokenizer("What shape is the red object?", return_tensors="pt").input_ids
     with torch.no_grad():
