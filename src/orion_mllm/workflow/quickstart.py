@@ -54,8 +54,7 @@ class Step:
 
 
 STEPS = (
-    # tiny: the three phases (1933 s for the first, ~700 + 140 s for multiple choice and the recap).
-    Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 19, "tiny": 2770}),
+    Step("stage0_base", "stage 0: base VLM, understanding only", {"micro": 19, "tiny": 1933}),
     Step("decoder", "diffusion decoder on the base's visual tokens", {"micro": 23, "tiny": 275}),
     Step("stage1_warmup", "ORION stage 1: vision-head warm-up (MSE)", {"micro": 4, "tiny": 112}),
     Step("stage2_pretrain", "ORION stage 2: pretrain, CE:MSE:KL", {"micro": 14, "tiny": 1130}),
