@@ -18,6 +18,7 @@ from orion_mllm.workflow.committed_base import (
     check_base,
     committed_base,
     folder_bytes,
+    recorded_phases,
 )
 from orion_mllm.workflow.quickstart import Quickstart, recipe_path
 from orion_mllm.workflow.stage0 import stage0_recipe_files
@@ -35,7 +36,7 @@ def test_the_committed_tiny_base_loads_matches_its_recipe_and_is_small():
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     run = json.loads((folder / "run.json").read_text())
     # The copied run is the last phase's; the provenance counts every phase's steps.
-    phases = provenance["phases"]
+    phases = recorded_phases(provenance)
     assert run["stage"] == "base" and run["status"] == "finished" and run["steps"] == phases[-1]["steps"]
     assert provenance["steps"] == sum(p["steps"] for p in phases)
     backbone, processor = load_backbone(folder / "final")

@@ -119,11 +119,28 @@ _ck.write_marker = _die
     assert losses(run) == losses(straight.run_dir)
 
 
-def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, shapes_root, capsys):
+def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, capsys, monkeypatch):
     """``fixtures/resume_9d20f6c/warmup``: a run stopped after its step-2 checkpoint by the code of
     commit 9d20f6c (before ``RunLoop`` / ``RunRecipe``). Today's trainer resumes it where it stopped,
     steps 2-3 give that code's uninterrupted losses (the recipe keys added since then at their defaults
     are no change), and its own checkpoints have the same format."""
+    import random
+
+    from orion_mllm.data import templates
+    from orion_mllm.data.shapes import datasets
+
+    # The data that run trained on: ShapesWorld's requests of the time (no caption style yet).
+    old_templates = templates.POLITE + templates.COMMAND + templates.QUESTION
+
+    def old_prompt(caption: str, rng: random.Random) -> str:
+        caption = caption.strip().rstrip(".")
+        return rng.choice(old_templates).format(caption=caption[0].lower() + caption[1:])
+
+    monkeypatch.setattr(datasets, "generation_prompt", old_prompt)
+    shapes_root = tmp_path / "data"
+    write_shapes_dataset(
+        shapes_root, size=48, n_und=40, n_gen=40, n_edit=16, n_interleaved=0, n_heldout=0, progress=False
+    )
     fixture = FIXTURES / "resume_9d20f6c"
     run = tmp_path / "warmup"
     shutil.copytree(fixture / "warmup", run)
@@ -150,6 +167,8 @@ def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, shapes_root,
     old["trainer_state"]["recipe"]["train"].update(
         visual_input_noise_schedule="str", mse_normalize="bool", prompt_dropout="float", ce_weighting="str"
     )
+    for entry in old["trainer_state"]["recipe"]["data"]:  # and each data entry its question-type selection
+        entry["qtypes"] = "NoneType"
     assert checkpoint_format(ckpt.checkpoint_dir(run, 4)) == old
 
 
