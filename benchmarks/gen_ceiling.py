@@ -6,8 +6,8 @@ its caption trains on (issue 16's diagnosis).
 For every one of the 552 shapes-gen prompts, the canonical scene its caption stands for in training
 (``canonical_scene``: default colours, fixed slots) is rendered, encoded by the model's frozen tower
 and rendered back by the model's decoder; the pixel scorer then judges it against the prompt. A model
-whose LLM regressed those tokens exactly would score this. Prompts with no canonical scene (counts
-the training data never has) are drawn from the oracle scene the prompt set carries instead.
+whose LLM regressed those tokens exactly would score this. A prompt with no canonical layout would be
+drawn from the oracle scene the prompt set carries instead.
 Also scores the rendered canonical scenes themselves (the scorer on clean pictures).
 
 Prints one JSON object last: ``ceiling`` (per category and overall) and ``clean``.
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from orion_mllm.data.shapes.datasets import canonical_scene, is_training_scene
+from orion_mllm.data.shapes.datasets import canonical_scene
 from orion_mllm.data.shapes.render import render_scene
 from orion_mllm.data.shapes.scorer import score_images
 from orion_mllm.eval.model_eval import render_tokens
@@ -43,8 +43,7 @@ def main() -> None:
     scenes = []
     for p in prompts:
         try:
-            scene = canonical_scene(p.spec)
-            scenes.append(scene if is_training_scene(scene) else p.scene)
+            scenes.append(canonical_scene(p.spec))
         except ValueError:
             scenes.append(p.scene)
     pictures = [render_scene(s, args.size) for s in scenes]

@@ -8,7 +8,7 @@ image with the ShapesWorld scorer, and prints, per shape named in the prompts, t
 prompts judged right, then the commonest (requested objects -> detected objects) pairs among the
 misses of ``--category`` (all categories by default). With ``--train-gen`` (the run's generation
 training file) it also splits the prompts whose caption is not in it by why
-(``orion_mllm.eval.model_eval.unseen_reason``), with the share drawn right. Prints one JSON object last.
+(``orion_mllm.eval.model_eval.TrainingCaptions``), with the share drawn right. Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from PIL import Image
 
 from orion_mllm.data.shapes.scorer import detect_objects, judge
-from orion_mllm.eval.model_eval import training_captions, unseen_reason
+from orion_mllm.eval.model_eval import training_captions
 from orion_mllm.eval.shapes_gen import iter_layout
 
 
@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--train-gen", default=None, help="the run's gen.jsonl: split unseen captions by reason")
     args = ap.parse_args()
-    seen_captions = training_captions(args.train_gen) if args.train_gen else None
-    unseen: dict[str, list[bool]] = defaultdict(list)
+    training = training_captions(args.train_gen) if args.train_gen else None
+    judged: list[tuple] = []
     by_shape: dict[str, list[bool]] = defaultdict(list)
     misses: Counter = Counter()
     n = 0
@@ -42,8 +42,7 @@ def main() -> None:
         n += 1
         for o in spec.objects:
             by_shape[o.shape].append(right)
-        if seen_captions is not None and spec.prompt().removeprefix("a photo of ") not in seen_captions:
-            unseen[unseen_reason(spec)].append(right)
+        judged.append((spec, right))
         if not right and args.category in (None, spec.category):
             asked = tuple((o.colour, o.shape, o.count) for o in spec.objects)
             seen = tuple(sorted((d.colour, d.shape) for d in detect_objects(image)))
@@ -57,9 +56,7 @@ def main() -> None:
     ]
     for m in top:
         print(f"{m['count']:3d}  {m['category']}: {m['asked']} -> {m['detected']}")
-    by_reason = {
-        r: {"prompts": len(v), "accuracy": round(sum(v) / len(v), 3)} for r, v in sorted(unseen.items())
-    }
+    by_reason = training.unseen_by_reason(judged) if training is not None else {}
     for r, v in by_reason.items():
         print(f"unseen, {r}: {v['accuracy']:.3f} of {v['prompts']} prompts")
     print(json.dumps({"folder": args.folder, "images": n, "per_shape": shapes, "misses": sum(misses.values()),

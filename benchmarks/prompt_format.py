@@ -19,7 +19,7 @@ from pathlib import Path
 
 from orion_mllm.data.shapes.scorer import judge, score_images
 from orion_mllm.data.templates import generation_prompt
-from orion_mllm.eval.model_eval import generate_images, training_captions, unseen_reason
+from orion_mllm.eval.model_eval import generate_images, training_captions
 from orion_mllm.eval.shapes_gen import prompt_set
 from orion_mllm.inference.pipeline import OrionPipeline
 
@@ -54,11 +54,8 @@ def main() -> None:
         images = generate_images(pipe, requests, seed=args.seed, progress=False, guidance=1.0)
         scores: dict = score_images(((p.spec, im) for p, im in zip(prompts, images, strict=True)))
         if seen is not None:
-            by_reason: dict[str, list[bool]] = {}
-            for p, im in zip(prompts, images, strict=True):
-                if p.prompt.removeprefix(PREFIX) not in seen:
-                    by_reason.setdefault(unseen_reason(p.spec), []).append(judge(p.spec, im))
-            scores["unseen_by_reason"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(by_reason.items())}
+            judged = ((p.spec, judge(p.spec, im)) for p, im in zip(prompts, images, strict=True))
+            scores["unseen_by_reason"] = seen.unseen_by_reason(judged)
         result["scores"][fmt] = scores
         shown = "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float) and k != "n")
         print(f"{fmt:9s} e.g. {requests[100]!r}: {shown}  {scores.get('unseen_by_reason', '')}")

@@ -68,7 +68,8 @@ def test_orion_train_refuses_mismatched_data_with_one_line_exit_2(tmp_path, caps
 
 def test_older_folders_without_recorded_settings(tmp_path):
     root = tmp_path / "data"
-    recipe = _recipe(root)
+    # Folders from before the hold-out was a setting held the colour-shape pairs out.
+    recipe = _recipe(root, "shapes_data.holdout=pairs")
     ensure_shapes_data(recipe, progress=False)
     meta = json.loads((root / "meta.json").read_text())
     # Written after gen_layout existed but before settings were recorded: read from its fields.
@@ -76,6 +77,9 @@ def test_older_folders_without_recorded_settings(tmp_path):
     assert recorded_settings(meta) == recipe.shapes_data.model_dump()
     (root / "meta.json").write_text(json.dumps(meta))
     assert ensure_shapes_data(recipe, progress=False) == root
+    # ... so today's default (captions held out) refuses them, naming the setting.
+    with pytest.raises(SetupError, match=r"holdout 'pairs' vs recipe 'captions'"):
+        ensure_shapes_data(_recipe(root), progress=False)
     # Older still (no gen_layout, like the folder this repository once tracked): refused.
     del meta["gen_layout"]
     assert recorded_settings(meta) is None

@@ -15,6 +15,8 @@ from orion_mllm.data.shapes.datasets import (
     HELD_OUT_COUNT,
     HELD_OUT_PAIRS,
     NUMBER_WORDS,
+    canonical_caption,
+    is_held_out_caption,
     plural,
     write_shapes_dataset,
 )
@@ -68,7 +70,37 @@ def test_every_file_passes_data_check(dataset):
         assert report.tasks[task] == report.records == meta["counts"][name.removesuffix(".jsonl")]
 
 
-def test_held_out_combinations_never_in_training(dataset):
+def test_held_out_captions_never_in_training(dataset):
+    """The default hold-out: about a fifth of the captions (a fixed rule on their text) never occur in
+    gen.jsonl, while what they name does (pairs and four-of-a-shape train); heldout_gen.jsonl asks
+    for exactly those captions."""
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["holdout"] == meta["settings"]["holdout"] == "captions" and meta["held_out_pairs"] == []
+    gen = records(dataset / "gen.jsonl")
+    assert not [r["caption"] for r in gen if is_held_out_caption(r["caption"])]
+    held = records(dataset / "heldout_gen.jsonl")
+    assert held and all(is_held_out_caption(r["caption"]) for r in held)
+    assert all(r["caption"] == canonical_caption(Spec.from_dict(r["spec"])) for r in held)
+    assert {r["category"] for r in held} == set(CATEGORIES)
+    # The rule is a fixed function of the text (case and a final full stop aside), about one in five.
+    from orion_mllm.eval.shapes_gen import prompt_set
+
+    captions = {p.prompt.removeprefix("a photo of ") for p in prompt_set()}
+    share = sum(map(is_held_out_caption, captions)) / len(captions)
+    assert 0.1 < share < 0.3
+    assert all(is_held_out_caption(c) == is_held_out_caption(c.capitalize() + ".") for c in captions)
+    # Nothing else is held out: a held-out pair of the older design and four of a shape do train.
+    big = dataset.parent / "sw-big"
+    write_shapes_dataset(big, size=48, seed=3, progress=False, n_und=400, n_gen=400, n_edit=0,
+                         n_interleaved=0, n_heldout=0)  # fmt: skip
+    training = (big / "und.jsonl").read_text() + (big / "gen.jsonl").read_text()
+    assert any(f"{c} {s}" in training for c, s in HELD_OUT_PAIRS) and '"count": 4' in training
+
+
+def test_pairs_holdout_keeps_pairs_and_four_out_of_every_training_file(tmp_path):
+    """The older design (``holdout="pairs"``), kept so earlier runs can be reproduced."""
+    dataset = tmp_path / "pairs"
+    write_shapes_dataset(dataset, size=64, seed=3, progress=False, holdout="pairs", **SMALL)
     training = "\n".join((dataset / f).read_text() for f in ("und.jsonl", "gen.jsonl", "edit.jsonl")).lower()
     for colour, shape in HELD_OUT_PAIRS:
         assert f"{colour} {shape}" not in training
@@ -199,7 +231,7 @@ def test_canonical_generation_targets_are_a_function_of_the_caption(dataset, tmp
             if o["colour"] not in r["caption"]:
                 assert o["colour"] == DEFAULT_COLOUR[o["shape"]]
     assert len(by_caption) < len(records)  # captions repeat, with the same picture each time
-    assert not set(DEFAULT_COLOUR.items()) & {(s, c) for c, s in HELD_OUT_PAIRS}
+    assert not set(DEFAULT_COLOUR.items()) & {(s, c) for c, s in HELD_OUT_PAIRS}  # pairs hold-out: none out
 
     write_shapes_dataset(tmp_path, size=64, seed=3, progress=False, gen_layout="random", **SMALL)
     free = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]

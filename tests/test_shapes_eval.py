@@ -75,14 +75,43 @@ def test_geneval_two_object_tag_and_bad_metadata():
         spec_from_metadata({"spec": {}})
 
 
-def test_unseen_prompts_are_told_apart_by_why_they_are_unseen():
-    """A never-trained colour-shape pair, a never-trained count (extrapolation) and a new combination
-    of trained pairs are reported apart (GenEval's counting prompts ask for four; training stops at 3)."""
+def test_unseen_prompts_are_told_apart_by_why_they_are_unseen(tmp_path):
+    """Under the ``captions`` hold-out an unseen caption is held out by the rule or was never drawn by
+    the sampler; under ``pairs``, a never-trained colour-shape pair, a never-trained count
+    (extrapolation) and a new combination of trained pairs are reported apart. The hold-out is read
+    from the folder's meta.json; one written before it was a setting counts as ``pairs``."""
+    from orion_mllm.data.shapes.datasets import canonical_caption, is_held_out_caption, write_shapes_dataset
     from orion_mllm.data.shapes.scorer import ObjectSpec, Spec
-    from orion_mllm.eval.model_eval import unseen_reason
+    from orion_mllm.eval.model_eval import TrainingCaptions, training_captions
 
-    assert unseen_reason(Spec("colors", [ObjectSpec("cross", "orange")])) == "heldout_pair"
-    assert unseen_reason(Spec("counting", [ObjectSpec("star", count=4)])) == "heldout_count"
-    assert unseen_reason(Spec("counting", [ObjectSpec("star", count=3)])) == "new_combination"
+    star4 = Spec("counting", [ObjectSpec("star", count=4)])
+    orange_cross = Spec("colors", [ObjectSpec("cross", "orange")])
     pair = Spec("color_attr", [ObjectSpec("square", "red"), ObjectSpec("diamond", "green")])
-    assert unseen_reason(pair) == "new_combination"
+    pairs = TrainingCaptions(frozenset({"three stars"}), "pairs")
+    assert pairs.unseen_reason(orange_cross) == "heldout_pair"
+    assert pairs.unseen_reason(star4) == "heldout_count"
+    assert pairs.unseen_reason(Spec("counting", [ObjectSpec("star", count=3)])) == "new_combination"
+    assert pairs.unseen_reason(pair) == "new_combination"
+    assert pairs.seen(Spec("counting", [ObjectSpec("star", count=3)])) and not pairs.seen(pair)
+    captions = TrainingCaptions(frozenset(), "captions")
+    for spec in (star4, orange_cross, pair):
+        held = is_held_out_caption(canonical_caption(spec))
+        assert captions.unseen_reason(spec) == ("held_out_caption" if held else "new_combination")
+    judged = [(star4, True), (orange_cross, False), (pair, False)]
+    assert pairs.unseen_by_reason(judged) == {
+        "heldout_count": {"prompts": 1, "accuracy": 1.0},
+        "heldout_pair": {"prompts": 1, "accuracy": 0.0},
+        "new_combination": {"prompts": 1, "accuracy": 0.0},
+    }
+    small = {"n_und": 0, "n_gen": 30, "n_edit": 0, "n_interleaved": 0, "n_heldout": 0, "progress": False}
+    write_shapes_dataset(tmp_path / "c", size=48, **small)
+    write_shapes_dataset(tmp_path / "p", size=48, holdout="pairs", **small)
+    assert training_captions(tmp_path / "c/gen.jsonl").holdout == "captions"
+    old = json.loads((tmp_path / "p/meta.json").read_text())
+    del old["settings"]["holdout"]  # as written before the hold-out was a setting
+    (tmp_path / "p/meta.json").write_text(json.dumps(old))
+    loaded = training_captions(tmp_path / "p/gen.jsonl")
+    assert loaded.holdout == "pairs" and len(loaded.captions) > 5
+    (tmp_path / "p/meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"meta\.json"):
+        training_captions(tmp_path / "p/gen.jsonl")

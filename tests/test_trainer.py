@@ -129,7 +129,8 @@ def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, capsys, monk
     from orion_mllm.data import templates
     from orion_mllm.data.shapes import datasets
 
-    # The data that run trained on: ShapesWorld's requests of the time (no caption style yet).
+    # The data that run trained on: ShapesWorld's requests of the time (no caption style yet) and its
+    # hold-out of the time (colour-shape pairs).
     old_templates = templates.POLITE + templates.COMMAND + templates.QUESTION
 
     def old_prompt(caption: str, rng: random.Random) -> str:
@@ -139,8 +140,9 @@ def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, capsys, monk
     monkeypatch.setattr(datasets, "generation_prompt", old_prompt)
     shapes_root = tmp_path / "data"
     write_shapes_dataset(
-        shapes_root, size=48, n_und=40, n_gen=40, n_edit=16, n_interleaved=0, n_heldout=0, progress=False
-    )
+        shapes_root, size=48, n_und=40, n_gen=40, n_edit=16, n_interleaved=0, n_heldout=0, holdout="pairs",
+        progress=False,
+    )  # fmt: skip
     fixture = FIXTURES / "resume_9d20f6c"
     run = tmp_path / "warmup"
     shutil.copytree(fixture / "warmup", run)

@@ -35,6 +35,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
         n_heldout=args.n_heldout,
         seed=args.seed,
         gen_layout=args.gen_layout,
+        holdout=args.holdout,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     print(json.dumps(meta["counts"]))
@@ -60,10 +61,15 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n-interleaved", type=int, default=100, help="generate-then-ask eval dialogues (default: 100)"
     )
-    p.add_argument("--n-heldout", type=int, default=100, help="held-out composition prompts (default: 100)")
+    p.add_argument("--n-heldout", type=int, default=100, help="held-out text-to-image prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--gen-layout", default="canonical", choices=["canonical", "random"],
         help="text-to-image targets: the caption's canonical picture (default) or free layouts",
+    )  # fmt: skip
+    p.add_argument(
+        "--holdout", default="captions", choices=["captions", "pairs"],
+        help="kept out of training: a fifth of the text-to-image captions (default), or three "
+        "colour-shape pairs and four-of-a-shape in every file",
     )  # fmt: skip
     p.set_defaults(func=_cmd_data_shapes)

@@ -35,7 +35,7 @@ def _cmd_eval_shapes_gen(args: argparse.Namespace) -> int:
     pipe = _eval_pipeline(args, need_decoder=True)
     scores = eval_generation(
         pipe, args.out, prompts=prompt_set(args.seed), batch_size=args.batch_size, guidance=args.guidance,
-        seen_captions=seen,
+        training=seen,
     )  # fmt: skip
     _print_scores(scores)
     return 0

@@ -12,7 +12,8 @@ recipe uses (``EVAL_SEED``), so the images and questions are held out from train
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from orion_mllm.data.records import encode_record
-from orion_mllm.data.shapes.datasets import HELD_OUT_COUNT, HELD_OUT_PAIRS, write_shapes_dataset
+from orion_mllm.data.shapes.datasets import (
+    Holdout,
+    canonical_caption,
+    is_held_out_caption,
+    recorded_settings,
+    write_shapes_dataset,
+)
 from orion_mllm.data.shapes.scorer import Spec, judge, score_images
 from orion_mllm.eval.shapes_gen import GenPrompt, prompt_set, score_folder
 from orion_mllm.eval.shapes_und_edit import normalise, score_edits, score_understanding
@@ -193,34 +200,64 @@ def generate_images(
     return render_tokens(pipe, tokens, batch_size=batch_size, seed=seed)
 
 
-def training_captions(gen_jsonl: str | Path) -> set[str]:
-    """The captions a ShapesWorld generation file trains on (its records' ``caption`` field)."""
-    return {r["caption"] for r in read_jsonl(gen_jsonl) if "caption" in r}
+@dataclass(frozen=True)
+class TrainingCaptions:
+    """The text-to-image captions a ShapesWorld folder trains on, and the hold-out it was written with
+    (``write_shapes_dataset(holdout=...)``), so a prompt can be told seen or unseen, and why."""
+
+    captions: frozenset[str]
+    holdout: str
+
+    def seen(self, spec: Spec) -> bool:
+        return canonical_caption(spec) in self.captions
+
+    def unseen_reason(self, spec: Spec) -> str:
+        """Why an unseen prompt's caption is absent. Under the ``captions`` hold-out: the rule keeps it
+        out (``held_out_caption``) or the sampler never drew it (``new_combination``). Under ``pairs``:
+        it names a colour-shape pair no training image holds (``heldout_pair``), a count no training
+        image holds (``heldout_count``: extrapolation), or a new combination of trained ones."""
+        if self.holdout == "captions":
+            return "held_out_caption" if is_held_out_caption(canonical_caption(spec)) else "new_combination"
+        rule = Holdout.named(self.holdout)
+        if any(not rule.pair_ok(o.colour or "", o.shape) for o in spec.objects):
+            return "heldout_pair"
+        if any(o.count > rule.max_count for o in spec.objects):
+            return "heldout_count"
+        return "new_combination"
+
+    def unseen_by_reason(self, judged: Iterable[tuple[Spec, bool]]) -> dict[str, dict[str, float]]:
+        """Unseen prompts per reason: how many, and the share drawn right (``judged``: spec, right)."""
+        hits: dict[str, list[bool]] = {}
+        for spec, right in judged:
+            if not self.seen(spec):
+                hits.setdefault(self.unseen_reason(spec), []).append(right)
+        return {r: {"prompts": len(h), "accuracy": sum(h) / len(h)} for r, h in sorted(hits.items())}
 
 
-def unseen_reason(spec: Spec) -> str:
-    """Why a prompt's caption is absent from ShapesWorld training: it names a colour-shape pair no
-    training image holds (``heldout_pair``), a count no training image holds (``heldout_count``:
-    extrapolation), or only a new combination of trained pairs and counts (``new_combination``)."""
-    if any((o.colour, o.shape) in HELD_OUT_PAIRS for o in spec.objects):
-        return "heldout_pair"
-    if any(o.count >= HELD_OUT_COUNT for o in spec.objects):
-        return "heldout_count"
-    return "new_combination"
+def training_captions(gen_jsonl: str | Path) -> TrainingCaptions:
+    """The captions a ShapesWorld generation file trains on (its records' ``caption`` field), with the
+    hold-out its folder's ``meta.json`` records (folders from before hold-outs were a setting: ``pairs``)."""
+    gen_jsonl = Path(gen_jsonl)
+    meta_file = gen_jsonl.parent / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: no ShapesWorld meta.json beside {gen_jsonl.name}")
+    settings = recorded_settings(json.loads(meta_file.read_text())) or {}
+    captions = frozenset(r["caption"] for r in read_jsonl(gen_jsonl) if "caption" in r)
+    return TrainingCaptions(captions, settings.get("holdout", "pairs"))
 
 
 def eval_generation(
     pipe: OrionPipeline, outdir: str | Path, *, prompts: Sequence[GenPrompt] | None = None,
     batch_size: int = 32, seed: int = 0, progress: bool = True, guidance: float | None = None,
-    seen_captions: set[str] | None = None,
+    training: TrainingCaptions | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``shapes-gen``: one image per prompt written in GenEval's layout under ``outdir``, then scored.
 
-    With ``seen_captions`` (the training captions) the prompts are also split by whether their caption
+    With ``training`` (:func:`training_captions`) the prompts are also split by whether their caption
     occurs verbatim in training: ``seen`` / ``unseen`` counts and ``unseen_scores`` (the same scorer on
     the unseen prompts alone: per category and their mean, GenEval's ``overall``), so drawing can be
-    told apart from recalling; ``unseen_by_reason`` splits them by :func:`unseen_reason` (prompts and
-    share drawn right), since a never-seen count is extrapolation, not composition."""
+    told apart from recalling; ``unseen_by_reason`` splits them by why they are unseen
+    (:meth:`TrainingCaptions.unseen_reason`: prompts and share drawn right)."""
     outdir = Path(outdir)
     prompts = list(prompts if prompts is not None else prompt_set())
     images = generate_images(
@@ -233,21 +270,14 @@ def eval_generation(
         (folder / "metadata.jsonl").write_text(json.dumps(p.metadata(), sort_keys=True) + "\n")
         image.save(folder / "samples" / "0000.png")
     scores: dict[str, Any] = dict(score_folder(outdir, progress=progress))
-    if seen_captions is not None:
-        unseen = [(p.spec, im) for p, im in zip(prompts, images, strict=True)
-                  if p.prompt.removeprefix("a photo of ") not in seen_captions]  # fmt: skip
+    if training is not None:
+        unseen = [(p.spec, im) for p, im in zip(prompts, images, strict=True) if not training.seen(p.spec)]
         scores["seen"] = len(prompts) - len(unseen)
         scores["unseen"] = len(unseen)
         unseen_scores = score_images(unseen) if unseen else {}
         unseen_scores.pop("n", None)
         scores["unseen_scores"] = unseen_scores
-        by_reason: dict[str, list[bool]] = {}
-        for spec, image in unseen:
-            by_reason.setdefault(unseen_reason(spec), []).append(judge(spec, image))
-        scores["unseen_by_reason"] = {
-            reason: {"prompts": len(hits), "accuracy": sum(hits) / len(hits)}
-            for reason, hits in sorted(by_reason.items())
-        }
+        scores["unseen_by_reason"] = training.unseen_by_reason((spec, judge(spec, im)) for spec, im in unseen)
     return scores
 
 
@@ -324,6 +354,7 @@ def eval_interleaved(
 
 __all__ = [
     "EVAL_SEED",
+    "TrainingCaptions",
     "answer_many",
     "eval_editing",
     "eval_generation",

@@ -164,6 +164,10 @@ class ShapesDataSection(_Strict):
     gen_layout: Literal["canonical", "random"] = Field(
         "canonical", description="text-to-image targets: the caption's canonical picture, or free layouts"
     )
+    holdout: Literal["captions", "pairs"] = Field(
+        "captions", description="what training never sees: a fifth of the text-to-image captions, or "
+        "three colour-shape pairs and four-of-a-shape in any file (orion_mllm.data.shapes.datasets.Holdout)",
+    )  # fmt: skip
 
 
 class CheckpointSection(_Strict):

@@ -319,6 +319,7 @@ def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
         n_heldout=s.n_heldout,
         seed=s.seed,
         gen_layout=s.gen_layout,
+        holdout=s.holdout,
         progress=progress,
     )
     if root.exists():

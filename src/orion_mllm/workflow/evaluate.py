@@ -123,7 +123,7 @@ def _run_part(
         prompts = prompt_set(per_category=sizes.gen_per_category)
         seen = training_captions(train_gen) if train_gen is not None else None
         result = eval_generation(
-            pipe, folder, prompts=prompts, batch_size=batch_size, progress=progress, seen_captions=seen
+            pipe, folder, prompts=prompts, batch_size=batch_size, progress=progress, training=seen
         )
         return {**result, "guidance": pipe.default_guidance}
     if part == "edit":

@@ -42,11 +42,12 @@ METRIC_KEYS = (
 SCALE = 3  # 64 px ShapesWorld images are shown 3x, nearest-neighbour
 
 
-# How report.md names each reason a prompt is unseen (orion_mllm.eval.model_eval.unseen_reason).
+# How report.md names each reason a prompt is unseen (orion_mllm.eval.model_eval.TrainingCaptions).
 UNSEEN_REASONS = {
+    "held_out_caption": "ShapesWorld holds its caption out of training",
     "heldout_pair": "its colour-shape pair is in no training image",
     "heldout_count": "its count is in no training image",
-    "new_combination": "it combines trained pairs anew",
+    "new_combination": "training never happened to draw its caption",
 }
 
 

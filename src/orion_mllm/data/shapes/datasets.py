@@ -31,6 +31,7 @@ Deterministic: the same arguments give byte-identical files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -55,9 +56,62 @@ from orion_mllm.data.shapes.world import (
 )
 from orion_mllm.data.templates import ALL_TEMPLATES, generation_prompt
 
-# Never in training captions, questions or images; only in heldout_gen.jsonl.
+HOLDOUTS = ("captions", "pairs")
+CAPTION_HOLDOUT_MODULUS = 5  # about one caption in five is held out (``is_held_out_caption``)
+
+
+def is_held_out_caption(caption: str) -> bool:
+    """Whether a text-to-image caption is kept out of training under the ``captions`` hold-out.
+
+    A fixed rule on the caption's text (its SHA-256 modulo 5), so it needs no list, holds out about a
+    fifth of the captions of every category whatever prompt set is evaluated, and the same caption is
+    held out on every machine and in every version. Every colour-shape pair and count still occurs in
+    training (in other captions and in every other task): what a held-out caption asks for is a new
+    combination of trained words, the generalisation issue 16 measures."""
+    digest = hashlib.sha256(caption.strip().rstrip(".").lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % CAPTION_HOLDOUT_MODULUS == 0
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """What ShapesWorld keeps out of its training files (``write_shapes_dataset(holdout=...)``).
+
+    ``captions`` (the default): the text-to-image captions :func:`is_held_out_caption` picks never
+    occur in ``gen.jsonl``; every image, pair and count trains. ``pairs`` (the design until session 7
+    of issue 16): three colour-shape pairs and four-of-a-shape occur in no training image, caption,
+    question or answer option at all, a zero-shot test the tiny models never passed (0 of 54 prompts)."""
+
+    name: str
+    pairs: tuple[tuple[str, str], ...] = ()
+    max_count: int = 4  # the most objects of one shape a training image holds
+
+    @classmethod
+    def named(cls, name: str) -> Holdout:
+        if name == "captions":
+            return cls("captions")
+        if name == "pairs":
+            return cls("pairs", pairs=HELD_OUT_PAIRS, max_count=HELD_OUT_COUNT - 1)
+        raise ValueError(f"holdout={name!r}: choose one of {', '.join(HOLDOUTS)}")
+
+    def pair_ok(self, colour: str, shape: str) -> bool:
+        return (colour, shape) not in self.pairs
+
+    def scene_ok(self, scene: Scene) -> bool:
+        shapes = [o.shape for o in scene.objects]
+        return all(self.pair_ok(o.colour, o.shape) for o in scene.objects) and all(
+            shapes.count(s) <= self.max_count for s in shapes
+        )
+
+    def spec_ok(self, spec: Spec, caption: str) -> bool:
+        """May a text-to-image record with this spec and caption be in training."""
+        if self.name == "captions":
+            return not is_held_out_caption(caption)
+        return all(o.count <= self.max_count for o in spec.objects)
+
+
+# The ``pairs`` hold-out: never in its training captions, questions or images; only in heldout_gen.jsonl.
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("purple", "star"), ("orange", "cross"), ("pink", "triangle"))
-HELD_OUT_COUNT = 4  # counting captions and count questions in training use 1-3 only
+HELD_OUT_COUNT = 4  # under ``pairs``, counting captions and count questions in training use 1-3 only
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 QUESTION_TYPES = ("colour", "shape", "count", "existence", "position")
@@ -71,14 +125,6 @@ def plural(shape: str) -> str:
 
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
-
-
-def is_training_scene(scene: Scene) -> bool:
-    """No held-out colour-shape pair and no shape four times."""
-    shapes = [o.shape for o in scene.objects]
-    return not any((o.colour, o.shape) in HELD_OUT_PAIRS for o in scene.objects) and all(
-        shapes.count(s) < HELD_OUT_COUNT for s in shapes
-    )
 
 
 def _resample(rng: random.Random, draw: Callable[[], Any], accept: Callable[[Any], bool], what: str) -> Any:
@@ -139,7 +185,7 @@ def _unique(scene: Scene, key: Callable[[ShapeObject], Any]) -> list[ShapeObject
     return [o for o in scene.objects if values.count(key(o)) == 1]
 
 
-def short_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str] | None:
+def short_question(rng: random.Random, scene: Scene, qtype: str, holdout: Holdout) -> tuple[str, str] | None:
     """(question, answer) of ``qtype`` about ``scene``, or None when the scene cannot support it."""
     if qtype == "colour":
         cands = _unique(scene, lambda o: o.shape)
@@ -166,7 +212,7 @@ def short_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, s
             colour, shape = _resample(
                 rng,
                 lambda: (rng.choice(list(COLOURS)), rng.choice(SHAPES)),
-                lambda p: p not in present and p not in HELD_OUT_PAIRS,
+                lambda p: p not in present and holdout.pair_ok(*p),
                 "absent pair",
             )
         answer = "Yes." if any((o.colour, o.shape) == (colour, shape) for o in scene.objects) else "No."
@@ -187,14 +233,14 @@ def short_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, s
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def multiple_choice(rng: random.Random, scene: Scene) -> tuple[str, list[str], str] | None:
+def multiple_choice(rng: random.Random, scene: Scene, holdout: Holdout) -> tuple[str, list[str], str] | None:
     """MMBench-style colour question: (question, four options, correct letter)."""
     cands = _unique(scene, lambda o: o.shape)
     if not cands:
         return None
     o = rng.choice(cands)
     # Distractors never pair a held-out colour with this shape, not even as a wrong option.
-    distractors = [c for c in COLOURS if c != o.colour and (c, o.shape) not in HELD_OUT_PAIRS]
+    distractors = [c for c in COLOURS if c != o.colour and holdout.pair_ok(c, o.shape)]
     options = [o.colour, *rng.sample(distractors, 3)]
     rng.shuffle(options)
     return f"What colour is the {o.shape}?", options, "ABCD"[options.index(o.colour)]
@@ -205,7 +251,9 @@ def format_mcq(question: str, options: list[str]) -> str:
     return "\n".join(lines)
 
 
-def understanding_record(rng: random.Random, scene: Scene, image: str, index: int) -> dict[str, Any]:
+def understanding_record(
+    rng: random.Random, scene: Scene, image: str, index: int, holdout: Holdout
+) -> dict[str, Any]:
     kind = rng.choice(("caption", "mcq", "short", "short", "dialogue"))
     base = {"id": f"und-{index:06d}", "task": "understanding", "image": image, "scene": scene.to_dict()}
     if kind == "caption":
@@ -221,7 +269,7 @@ def understanding_record(rng: random.Random, scene: Scene, image: str, index: in
                 {"from": "gpt", "value": describe_scene(scene)},
             ],
         }
-    if kind == "mcq" and (mcq := multiple_choice(rng, scene)) is not None:
+    if kind == "mcq" and (mcq := multiple_choice(rng, scene, holdout)) is not None:
         question, options, letter = mcq
         return {
             **base,
@@ -238,7 +286,7 @@ def understanding_record(rng: random.Random, scene: Scene, image: str, index: in
     for t in range(turns):
         for _ in range(20):
             qtype = rng.choice(QUESTION_TYPES)
-            qa = short_question(rng, scene, qtype)
+            qa = short_question(rng, scene, qtype, holdout)
             if qa is not None and all(qa[0] not in turn["value"] for turn in conversations[::2]):
                 break
         else:  # every scene supports count questions (repeats are rare and harmless here)
@@ -271,10 +319,10 @@ def _fits_all(objs: list[ShapeObject]) -> bool:
     return all(fits_in_scene(o, objs[:k] + objs[k + 1 :]) for k, o in enumerate(objs))
 
 
-def edit_pair(rng: random.Random, op: str) -> tuple[Scene, Scene, str] | None:
+def edit_pair(rng: random.Random, op: str, holdout: Holdout) -> tuple[Scene, Scene, str] | None:
     """(source, target, instruction) for one edit operation, or None if this draw does not allow it."""
     source = sample_scene(rng, rng.randint(1 if op in ("recolour", "add", "move") else 2, 3))
-    if not is_training_scene(source):
+    if not holdout.scene_ok(source):
         return None
     objs = list(source.objects)
     unique = _unique(source, lambda o: (o.colour, o.shape))
@@ -291,7 +339,7 @@ def edit_pair(rng: random.Random, op: str) -> tuple[Scene, Scene, str] | None:
         return None
     elif op == "recolour":
         o = rng.choice(unique)
-        colour = rng.choice([c for c in COLOURS if c != o.colour and (c, o.shape) not in HELD_OUT_PAIRS])
+        colour = rng.choice([c for c in COLOURS if c != o.colour and holdout.pair_ok(c, o.shape)])
         new_objs = [ShapeObject(x.shape, colour, x.size, x.x, x.y) if x is o else x for x in objs]
         target, instruction = Scene(tuple(new_objs)), f"Change the colour of {_refer(o)} to {colour}."
     elif op == "remove":
@@ -369,7 +417,7 @@ def _generation_record(
     """A text-to-image record: templated prompt in the user turn, the rendered scene as the target.
     ``fill_colours``: name colours the scene makes unambiguous (random layouts); canonical layouts keep
     the caption as the spec says it (an unnamed colour is the shape's default)."""
-    caption = caption_for(spec, scene) if fill_colours else spec.prompt().removeprefix("a photo of ")
+    caption = caption_for(spec, scene) if fill_colours else canonical_caption(spec)
     return {
         "id": f"{split}-{i:06d}",
         "task": "generation",
@@ -431,7 +479,12 @@ def canonical_scene(spec: Spec) -> Scene:
     return scene
 
 
-def _canonical_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
+def canonical_caption(spec: Spec) -> str:
+    """A canonical-layout record's caption: the spec's words as GenEval's prompt has them."""
+    return spec.prompt().removeprefix("a photo of ")
+
+
+def _canonical_spec_and_scene(rng: random.Random, category: str, holdout: Holdout) -> tuple[Spec, Scene]:
     """A training caption's spec (no counting distractors: the caption would not mention them) and
     its canonical scene."""
 
@@ -441,21 +494,34 @@ def _canonical_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, 
 
     return _resample(
         rng, draw,
-        lambda pair: is_training_scene(pair[1]) and all(o.count < HELD_OUT_COUNT for o in pair[0].objects),
+        lambda pair: holdout.scene_ok(pair[1]) and holdout.spec_ok(pair[0], canonical_caption(pair[0])),
         f"canonical {category} scene",
     )  # fmt: skip
 
 
-def _gen_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
+def _gen_spec_and_scene(rng: random.Random, category: str, holdout: Holdout) -> tuple[Spec, Scene]:
     return _resample(
         rng,
         lambda: sample_spec_and_scene(rng, category),
-        lambda pair: is_training_scene(pair[1]) and all(o.count < HELD_OUT_COUNT for o in pair[0].objects),
+        lambda pair: holdout.scene_ok(pair[1]) and holdout.spec_ok(pair[0], caption_for(*pair)),
         f"{category} scene",
     )
 
 
-SETTINGS = ("size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout")
+def _held_out_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, Scene]:
+    """A canonical text-to-image pair whose caption the ``captions`` hold-out keeps out of training."""
+
+    def draw() -> tuple[Spec, Scene]:
+        spec, _ = sample_spec_and_scene(rng, category)
+        return spec, canonical_scene(spec)
+
+    def held_out(pair: tuple[Spec, Scene]) -> bool:
+        return is_held_out_caption(canonical_caption(pair[0]))
+
+    return _resample(rng, draw, held_out, "held-out caption")
+
+
+SETTINGS = ("size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout", "holdout")
 # meta.json's ``counts`` key for each count setting (folders written before ``settings`` was recorded)
 _COUNT_KEYS = {"n_und": "und", "n_gen": "gen", "n_edit": "edit", "n_interleaved": "interleaved",
                "n_heldout": "heldout_gen"}  # fmt: skip
@@ -466,15 +532,16 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any] | None:
 
     Folders written before ``settings`` was recorded are read from ``seed``, ``size``, ``gen_layout``
     and ``counts`` (the generator writes exactly the asked-for counts); a folder without
-    ``gen_layout`` predates canonical layouts and matches no current setting: None."""
+    ``gen_layout`` predates canonical layouts and matches no current setting: None. Folders written
+    before ``holdout`` existed kept the colour-shape pairs out (``pairs``)."""
     if isinstance(meta.get("settings"), dict):
-        return dict(meta["settings"])
+        return {"holdout": "pairs", **meta["settings"]}
     counts = meta.get("counts")
     if not isinstance(counts, dict) or any(k not in meta for k in ("seed", "size", "gen_layout")):
         return None
     if any(c not in counts for c in _COUNT_KEYS.values()):
         return None
-    derived = {k: meta[k] for k in ("size", "seed", "gen_layout")}
+    derived = {k: meta[k] for k in ("size", "seed", "gen_layout")} | {"holdout": "pairs"}
     derived.update({k: counts[c] for k, c in _COUNT_KEYS.items()})
     return {k: derived[k] for k in SETTINGS}
 
@@ -490,9 +557,15 @@ def write_shapes_dataset(
     n_heldout: int = 100,
     seed: int = 0,
     gen_layout: str = "canonical",
+    holdout: str = "captions",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``."""
+    """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``.
+
+    ``holdout`` (:class:`Holdout`): ``captions`` keeps the captions :func:`is_held_out_caption` picks out
+    of ``gen.jsonl`` and writes ``heldout_gen.jsonl`` from them; ``pairs`` keeps three colour-shape
+    pairs and four-of-a-shape out of every training file and writes ``heldout_gen.jsonl`` from those."""
+    rule = Holdout.named(holdout)
     if gen_layout not in ("canonical", "random"):
         raise ValueError(f"gen_layout={gen_layout!r}: choose 'canonical' or 'random'")
     if not 32 <= size <= 512:
@@ -511,8 +584,8 @@ def write_shapes_dataset(
     def und() -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{seed}/und")
         for i in range(n_und):
-            scene = _resample(rng, lambda: sample_scene(rng, rng.randint(1, 4)), is_training_scene, "scene")
-            yield understanding_record(rng, scene, w.image(scene, f"images/und/{i:06d}.png"), i)
+            scene = _resample(rng, lambda: sample_scene(rng, rng.randint(1, 4)), rule.scene_ok, "scene")
+            yield understanding_record(rng, scene, w.image(scene, f"images/und/{i:06d}.png"), i, rule)
             bar.update()
 
     def gen() -> Iterator[dict[str, Any]]:
@@ -520,9 +593,9 @@ def write_shapes_dataset(
         for i in range(n_gen):
             category = CATEGORIES[i % len(CATEGORIES)]
             if gen_layout == "canonical":
-                spec, scene = _canonical_spec_and_scene(rng, category)
+                spec, scene = _canonical_spec_and_scene(rng, category, rule)
             else:
-                spec, scene = _gen_spec_and_scene(rng, category)
+                spec, scene = _gen_spec_and_scene(rng, category, rule)
             yield _generation_record(rng, w, "gen", i, spec, scene, fill_colours=gen_layout == "random")
             bar.update()
 
@@ -531,8 +604,9 @@ def write_shapes_dataset(
         for i in range(n_edit):
             op = EDIT_OPS[i % len(EDIT_OPS)]
             source, target, instruction = _resample(
-                rng, lambda op=op: edit_pair(rng, op), lambda r: r is not None and is_training_scene(r[1]), op
-            )
+                rng, lambda op=op: edit_pair(rng, op, rule), lambda r: r is not None and rule.scene_ok(r[1]),
+                op,
+            )  # fmt: skip
             images = [
                 w.image(source, f"images/edit/{i:06d}_src.png"),
                 w.image(target, f"images/edit/{i:06d}_tgt.png"),
@@ -555,7 +629,7 @@ def write_shapes_dataset(
     def interleaved() -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{seed}/interleaved")
         for i in range(n_interleaved):
-            spec, scene = _gen_spec_and_scene(rng, rng.choice(CATEGORIES))
+            spec, scene = _gen_spec_and_scene(rng, rng.choice(CATEGORIES), rule)
             caption = caption_for(spec, scene)
             # Ask only about what the prompt names, or about a shape it does not (answer 0): a
             # counting scene's unnamed distractor is not something the model was asked to draw.
@@ -585,6 +659,11 @@ def write_shapes_dataset(
     def heldout() -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{seed}/heldout")
         for i in range(n_heldout):
+            if holdout == "captions":
+                spec, scene = _held_out_spec_and_scene(rng, CATEGORIES[i % len(CATEGORIES)])
+                yield _generation_record(rng, w, "heldout", i, spec, scene, fill_colours=False)
+                bar.update()
+                continue
             if i % 2 == 0:
                 colour, shape = HELD_OUT_PAIRS[(i // 2) % len(HELD_OUT_PAIRS)]
                 scene = sample_scene(rng, 1, fixed=[{"colour": colour, "shape": shape}])
@@ -611,7 +690,7 @@ def write_shapes_dataset(
     bar.close()
     settings = {
         "size": size, "n_und": n_und, "n_gen": n_gen, "n_edit": n_edit, "n_interleaved": n_interleaved,
-        "n_heldout": n_heldout, "seed": seed, "gen_layout": gen_layout,
+        "n_heldout": n_heldout, "seed": seed, "gen_layout": gen_layout, "holdout": holdout,
     }  # fmt: skip
     meta = {
         "world": "ShapesWorld",
@@ -625,8 +704,10 @@ def write_shapes_dataset(
         "colours": list(COLOURS),
         "sizes": list(SIZES),
         "relations": list(RELATIONS),
-        "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
-        "held_out_count": HELD_OUT_COUNT,
+        "holdout": holdout,
+        "held_out_pairs": [list(p) for p in rule.pairs],
+        "max_count": rule.max_count,
+        "held_out_captions": None if holdout == "pairs" else f"sha256 % {CAPTION_HOLDOUT_MODULUS} == 0",
         "num_templates": len(ALL_TEMPLATES),
         "training_files": ["und.jsonl", "gen.jsonl", "edit.jsonl"],
         "eval_files": ["interleaved.jsonl", "heldout_gen.jsonl"],
