@@ -7,8 +7,10 @@
    ``recipes/shapes/<preset>/decoder.yaml``, trained by the same ``DecoderTrainer`` as ``orion train``
    with the encoder given by ``--encoder`` (default ``preset:<preset>``: the random-init base tower;
    the quickstart uses its trained stage-0 base instead).
-2. The held-out generation images (``heldout_gen.jsonl``: colour/shape pairs never seen in training)
-   are encoded to visual tokens by the same frozen tower and rendered back by the decoder.
+2. The held-out generation images (``heldout_gen.jsonl``: the canonical pictures of held-out captions,
+   which the decoder's free-layout training images never are; in data written with
+   ``holdout: pairs``, colour-shape pairs and counts never seen in training) are encoded to visual
+   tokens by the same frozen tower and rendered back by the decoder.
 3. Each reconstruction is judged by the ShapesWorld scorer against the source scene: the same
    multiset of (colour, shape) objects, each within 0.1 of its position (``scene_matches``); PSNR
    against the source image is reported too.

@@ -7,7 +7,7 @@ Generates one picture per record for each guidance weight and scores it with the
 the record's spec (GenEval's rules, as ``shapes-gen``). The records: the first ``--per-category``
 records of each category in ``--file`` with distinct captions; the default is the *training* file
 (``gen.jsonl``: settings are chosen on training data, then confirmed on the evaluation prompts).
-``heldout_gen.jsonl`` holds only held-out colour-shape pairs and counts (a generalisation probe).
+``heldout_gen.jsonl`` holds only captions training never sees (a generalisation probe).
 Prints a line per weight and, last, one JSON object: the scores per weight and the best weight.
 """
 

@@ -93,10 +93,16 @@ def test_unseen_prompts_are_told_apart_by_why_they_are_unseen(tmp_path):
     assert pairs.unseen_reason(Spec("counting", [ObjectSpec("star", count=3)])) == "new_combination"
     assert pairs.unseen_reason(pair) == "new_combination"
     assert pairs.seen(Spec("counting", [ObjectSpec("star", count=3)])) and not pairs.seen(pair)
-    captions = TrainingCaptions(frozenset(), "captions")
-    for spec in (star4, orange_cross, pair):
-        held = is_held_out_caption(canonical_caption(spec))
-        assert captions.unseen_reason(spec) == ("held_out_caption" if held else "new_combination")
+    captions = TrainingCaptions(frozenset({"a red circle"}), "captions")
+    star, two_squares = (
+        Spec("single_object", [ObjectSpec("star")]),
+        Spec("counting", [ObjectSpec("square", count=2)]),
+    )
+    assert is_held_out_caption(canonical_caption(star)) and canonical_caption(two_squares) == "two squares"
+    assert captions.unseen_reason(star) == captions.unseen_reason(two_squares) == "held_out_caption"
+    for spec in (star4, orange_cross, pair):  # trainable under the caption rule, just never drawn here
+        assert captions.unseen_reason(spec) == "new_combination"
+    assert captions.seen(Spec("colors", [ObjectSpec("circle", "red")]))
     judged = [(star4, True), (orange_cross, False), (pair, False)]
     assert pairs.unseen_by_reason(judged) == {
         "heldout_count": {"prompts": 1, "accuracy": 1.0},
@@ -115,3 +121,27 @@ def test_unseen_prompts_are_told_apart_by_why_they_are_unseen(tmp_path):
     (tmp_path / "p/meta.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"meta\.json"):
         training_captions(tmp_path / "p/gen.jsonl")
+
+
+def test_eval_set_is_reused_enlarged_with_its_own_holdout_and_never_overwritten(tmp_path):
+    """A new eval set takes ShapesWorld's default hold-out; an existing one is reused as it is, and
+    one too small is rewritten larger with the hold-out it was written with, so its first records stay
+    (a set from before the caption hold-out keeps the pairs out)."""
+    from orion_mllm.data.shapes.datasets import write_shapes_dataset
+    from orion_mllm.eval.model_eval import EVAL_SEED, eval_set
+
+    root = eval_set(tmp_path / "ev", size=32, n_und=4, n_edit=2, n_interleaved=1, progress=False)
+    assert json.loads((root / "meta.json").read_text())["holdout"] == "captions"
+    stamp = (root / "und.jsonl").stat().st_mtime_ns
+    assert eval_set(root, size=32, n_und=3, n_edit=1, n_interleaved=1, progress=False) == root
+    assert (root / "und.jsonl").stat().st_mtime_ns == stamp
+    old = tmp_path / "old"
+    write_shapes_dataset(old, size=32, n_und=4, n_gen=0, n_edit=2, n_interleaved=1, n_heldout=100,
+                         seed=EVAL_SEED, holdout="pairs", progress=False)  # fmt: skip
+    before = (old / "und.jsonl").read_text().splitlines()
+    eval_set(old, size=32, n_und=8, n_edit=2, n_interleaved=1, progress=False)
+    after = (old / "und.jsonl").read_text().splitlines()
+    assert len(after) == 8 and after[:4] == before
+    assert json.loads((old / "meta.json").read_text())["holdout"] == "pairs"
+    with pytest.raises(ValueError, match="not the evaluation set"):
+        eval_set(old, size=48, progress=False)

@@ -222,3 +222,11 @@ def test_ablate_can_share_a_finished_quickstart_base(quickstart, tmp_path):
     assert run["teacher"] == str((quickstart / "stage0_base" / "final").resolve())
     with pytest.raises(FileNotFoundError, match="not a quickstart run"):
         main(["--debug", "ablate", "--preset", "micro", "--out", str(out), "--base", str(tmp_path)])
+
+
+def test_report_grid_ends_with_two_held_out_captions():
+    """The report's image grid shows trained prompts, then two captions training never saw."""
+    from orion_mllm.data.shapes.datasets import is_held_out_caption
+    from orion_mllm.workflow.report import GRID_PROMPTS
+
+    assert [is_held_out_caption(p) for p in GRID_PROMPTS] == [False] * (len(GRID_PROMPTS) - 2) + [True] * 2

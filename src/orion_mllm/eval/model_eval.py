@@ -49,12 +49,15 @@ def eval_set(
 ) -> Path:  # fmt: skip
     """The held-out evaluation records under ``root``, with at least the asked-for counts.
 
-    Written on first use (seed ``EVAL_SEED``). An existing set of the same seed and size with enough
-    records is reused as it is; a smaller one is rewritten larger (the same seed gives the same first
+    Written on first use (seed ``EVAL_SEED``, ShapesWorld's default hold-out). An existing set of the
+    same seed and size with enough records is reused as it is, whatever hold-out it was written with
+    (sets from before the caption hold-out keep the colour-shape pairs out of their images); a smaller
+    one is rewritten larger with its own hold-out (the same seed and settings give the same first
     records, so nothing is lost); anything else in ``root`` is refused, never overwritten."""
     root = Path(root)
     meta_file = root / "meta.json"
     want = {"und": n_und, "edit": n_edit, "interleaved": n_interleaved}
+    holdout = "captions"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("seed") != EVAL_SEED or meta.get("size") != size:
@@ -66,11 +69,12 @@ def eval_set(
         if all(counts.get(k, 0) >= v for k, v in want.items()):
             return root
         want = {k: max(v, counts.get(k, 0)) for k, v in want.items()}
+        holdout = (recorded_settings(meta) or {}).get("holdout", "pairs")
     elif root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no ShapesWorld meta.json: choose another folder")
     write_shapes_dataset(
         root, size=size, n_und=want["und"], n_gen=0, n_edit=want["edit"], n_interleaved=want["interleaved"],
-        n_heldout=100, seed=EVAL_SEED, progress=progress,
+        n_heldout=100, seed=EVAL_SEED, holdout=holdout, progress=progress,
     )  # fmt: skip
     return root
 

@@ -164,8 +164,10 @@ class ShapesDataSection(_Strict):
     gen_layout: Literal["canonical", "random"] = Field(
         "canonical", description="text-to-image targets: the caption's canonical picture, or free layouts"
     )
+    # The default is what every recipe meant before the key existed (a key added later must not change
+    # what an older run or committed base recorded); the tree's recipes say `holdout: captions`.
     holdout: Literal["captions", "pairs"] = Field(
-        "captions", description="what training never sees: a fifth of the text-to-image captions, or "
+        "pairs", description="what training never sees: a fifth of the text-to-image captions, or "
         "three colour-shape pairs and four-of-a-shape in any file (orion_mllm.data.shapes.datasets.Holdout)",
     )  # fmt: skip
 
