@@ -2,7 +2,8 @@
 
     python benchmarks/edit_diag.py --model runs/qs/model --data runs/qs/data/shapes-tiny [--records 48]
 
-On the first ``--records`` editing records of ``edit.jsonl`` (training data, or an eval folder):
+On the first ``--records`` editing records of ``edit.jsonl`` (training data, or an eval folder; ``--file``
+for another editing file, e.g. one whose target is its source, to ask whether the model can copy):
 - teacher-forced MSE of the target tokens (true previous target tokens fed), next to the MSE of
   simply copying the source image's tokens and of the per-position mean target: a model that learned
   editing beats both;
@@ -56,12 +57,13 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="ORION model directory")
     ap.add_argument("--data", required=True, help="ShapesWorld data root holding edit.jsonl")
     ap.add_argument("--records", type=int, default=48)
+    ap.add_argument("--file", default="edit.jsonl", help="editing records under --data (e.g. a copy set)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
     pipe = OrionPipeline.load(args.model, image_separator="\n")
     root = Path(args.data)
-    src = ConversationSource("edit", "editing", root / "edit.jsonl", root)
+    src = ConversationSource("edit", "editing", root / args.file, root)
     records = [src.get(i).record for i in range(min(args.records, len(src)))]
     pred, target, source = teacher_forced(pipe, records)
     if source.shape != target.shape:
