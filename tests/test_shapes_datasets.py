@@ -239,3 +239,23 @@ def test_canonical_generation_targets_are_a_function_of_the_caption(dataset, tmp
     assert len(positions) > 50  # free layouts: positions vary
     with pytest.raises(ValueError, match="gen_layout"):
         write_shapes_dataset(tmp_path / "x", gen_layout="tidy", **SMALL)
+
+
+def test_a_scene_no_drawn_question_fits_falls_back_to_counting():
+    """A one-object scene cannot support position questions: after 20 such draws the record asks a
+    count question instead (the fallback path, under either hold-out)."""
+    import random
+
+    from orion_mllm.data.shapes.datasets import QUESTION_TYPES, Holdout, understanding_record
+    from orion_mllm.data.shapes.world import ShapeObject
+
+    class AlwaysPosition(random.Random):
+        def choice(self, seq):
+            if tuple(seq) == QUESTION_TYPES:
+                return "position"
+            return "short" if "short" in seq else super().choice(seq)
+
+    scene = Scene((ShapeObject("star", "red", "medium", 0.5, 0.5),))
+    for name in ("captions", "pairs"):
+        record = understanding_record(AlwaysPosition(0), scene, "x.png", 0, Holdout.named(name))
+        assert record["qtype"] == "count" and record["answer"] in {"0", "1"}

@@ -295,7 +295,7 @@ def understanding_record(
             if qa is not None and all(qa[0] not in turn["value"] for turn in conversations[::2]):
                 break
         else:  # every scene supports count questions (repeats are rare and harmless here)
-            qtype, qa = "count", short_question(rng, scene, "count")
+            qtype, qa = "count", short_question(rng, scene, "count", holdout)
         question, answer = qa
         conversations += [
             {"from": "human", "value": f"<image>\n{question}" if t == 0 else question},
