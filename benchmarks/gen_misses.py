@@ -8,7 +8,8 @@ image with the ShapesWorld scorer, and prints, per shape named in the prompts, t
 prompts judged right, then the commonest (requested objects -> detected objects) pairs among the
 misses of ``--category`` (all categories by default). With ``--train-gen`` (the run's generation
 training file) it also splits the prompts whose caption is not in it by why
-(``orion_mllm.eval.model_eval.TrainingCaptions``), with the share drawn right. Prints one JSON object last.
+(``orion_mllm.eval.model_eval.TrainingCaptions``), with the share drawn right, and scores the seen and
+the unseen prompts apart (GenEval's category means and overall). Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from PIL import Image
 from orion_mllm.data.shapes.scorer import detect_objects, judge
 from orion_mllm.eval.model_eval import training_captions
 from orion_mllm.eval.shapes_gen import iter_layout
+
+
+def _share(hits: list[bool]) -> float:
+    return round(sum(hits) / len(hits), 3) if hits else float("nan")
+
+
+def _geneval_scores(judged: list[tuple]) -> dict[str, float]:
+    """Per-category share judged right and ``overall``, their mean (GenEval's, as shapes-gen reports)."""
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for spec, right in judged:
+        by_category[spec.category].append(right)
+    scores = {c: _share(h) for c, h in sorted(by_category.items())}
+    return {**scores, "overall": round(sum(scores.values()) / len(scores), 3) if scores else float("nan")}
 
 
 def main() -> None:
@@ -57,10 +71,17 @@ def main() -> None:
     for m in top:
         print(f"{m['count']:3d}  {m['category']}: {m['asked']} -> {m['detected']}")
     by_reason = training.unseen_by_reason(judged) if training is not None else {}
+    split = {}
+    if training is not None:  # GenEval's scores (category means and their mean) on each side of the split
+        for side, want in (("seen", True), ("unseen", False)):
+            part = [(spec, right) for spec, right in judged if training.seen(spec) == want]
+            split[side] = {"prompts": len(part), "prompt_share_right": _share([r for _, r in part]),
+                           **_geneval_scores(part)}  # fmt: skip
+            print(f"{side}: {json.dumps(split[side])}")
     for r, v in by_reason.items():
         print(f"unseen, {r}: {v['accuracy']:.3f} of {v['prompts']} prompts")
     print(json.dumps({"folder": args.folder, "images": n, "per_shape": shapes, "misses": sum(misses.values()),
-                      "top_misses": top, "unseen_by_reason": by_reason}))  # fmt: skip
+                      "top_misses": top, "unseen_by_reason": by_reason, **split}))  # fmt: skip
 
 
 if __name__ == "__main__":
