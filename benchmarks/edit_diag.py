@@ -75,7 +75,7 @@ def main() -> None:
     result["tf_mse"] = ((pred - target) ** 2).mean().item()
     result["copy_source_mse"] = ((source - target) ** 2).mean().item()
     result["mean_target_mse"] = ((mean - target) ** 2).mean().item()
-    ops = [r["op"] for r in records]
+    ops = [r.get("op", "other") for r in records]  # a copy set has no edit operation
     per_op = {}
     for op in sorted(set(ops)):
         idx = torch.tensor([o == op for o in ops])
@@ -86,7 +86,9 @@ def main() -> None:
         }
     result["per_op"] = per_op
     images = [Image.open(r["images"][0]).convert("RGB") for r in records]
-    instructions = [r["instruction"] for r in records]
+    # ShapesWorld's edit records keep the instruction apart; other editing files have it in the turn.
+    instructions = [r.get("instruction") or r["conversations"][0]["value"].replace("<image>", "").strip()
+                    for r in records]  # fmt: skip
     free = torch.stack(regress_tokens(pipe, instructions, sources=images, progress=False)).float()
     result["free"] = stats(free, target, source)
     result["free_mse_per_position"] = [round(x, 5) for x in ((free - target) ** 2).mean((0, 2)).tolist()]
