@@ -244,7 +244,8 @@ def multiple_choice(rng: random.Random, scene: Scene, holdout: Holdout) -> tuple
     if not cands:
         return None
     o = rng.choice(cands)
-    # Distractors never pair a held-out colour with this shape, not even as a wrong option.
+    # Under the pairs hold-out, distractors never pair a held-out colour with this shape, not even as a
+    # wrong option.
     distractors = [c for c in COLOURS if c != o.colour and holdout.pair_ok(c, o.shape)]
     options = [o.colour, *rng.sample(distractors, 3)]
     rng.shuffle(options)
@@ -438,7 +439,7 @@ def _generation_record(
     }
 
 
-# Canonical text-to-image layouts (see the module docstring). Default colours avoid the held-out pairs.
+# Canonical text-to-image layouts (see the module docstring). Default colours avoid the pairs hold-out.
 DEFAULT_COLOUR = {"circle": "red", "square": "blue", "triangle": "green", "star": "yellow", "cross": "black",
                   "diamond": "orange"}  # fmt: skip
 _SLOTS = {
