@@ -20,22 +20,13 @@ from collections import Counter, defaultdict
 
 from PIL import Image
 
-from orion_mllm.data.shapes.scorer import detect_objects, judge
+from orion_mllm.data.shapes.scorer import detect_objects, judge, score_judgments
 from orion_mllm.eval.model_eval import training_captions
 from orion_mllm.eval.shapes_gen import iter_layout
 
 
 def _share(hits: list[bool]) -> float:
     return round(sum(hits) / len(hits), 3) if hits else float("nan")
-
-
-def _geneval_scores(judged: list[tuple]) -> dict[str, float]:
-    """Per-category share judged right and ``overall``, their mean (GenEval's, as shapes-gen reports)."""
-    by_category: dict[str, list[bool]] = defaultdict(list)
-    for spec, right in judged:
-        by_category[spec.category].append(right)
-    scores = {c: _share(h) for c, h in sorted(by_category.items())}
-    return {**scores, "overall": round(sum(scores.values()) / len(scores), 3) if scores else float("nan")}
 
 
 def main() -> None:
@@ -75,8 +66,10 @@ def main() -> None:
     if training is not None:  # GenEval's scores (category means and their mean) on each side of the split
         for side, want in (("seen", True), ("unseen", False)):
             part = [(spec, right) for spec, right in judged if training.seen(spec) == want]
+            scores = score_judgments(part)
+            scores.pop("n")
             split[side] = {"prompts": len(part), "prompt_share_right": _share([r for _, r in part]),
-                           **_geneval_scores(part)}  # fmt: skip
+                           **{k: round(v, 3) for k, v in scores.items()}}  # fmt: skip
             print(f"{side}: {json.dumps(split[side])}")
     for r, v in by_reason.items():
         print(f"unseen, {r}: {v['accuracy']:.3f} of {v['prompts']} prompts")

@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from orion_mllm.data.shapes.scorer import judge, score_images
+from orion_mllm.data.shapes.scorer import judge, score_judgments
 from orion_mllm.data.templates import generation_prompt
 from orion_mllm.eval.model_eval import generate_images, training_captions
 from orion_mllm.eval.shapes_gen import prompt_set
@@ -52,9 +52,9 @@ def main() -> None:
         rng = random.Random(args.seed)
         requests = [phrase(p.prompt, fmt, rng) for p in prompts]
         images = generate_images(pipe, requests, seed=args.seed, progress=False, guidance=1.0)
-        scores: dict = score_images(((p.spec, im) for p, im in zip(prompts, images, strict=True)))
+        judged = [(p.spec, judge(p.spec, im)) for p, im in zip(prompts, images, strict=True)]
+        scores: dict = score_judgments(judged)
         if seen is not None:
-            judged = ((p.spec, judge(p.spec, im)) for p, im in zip(prompts, images, strict=True))
             scores["unseen_by_reason"] = seen.unseen_by_reason(judged)
         result["scores"][fmt] = scores
         shown = "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float) and k != "n")

@@ -25,11 +25,10 @@ from orion_mllm.data.records import encode_record
 from orion_mllm.data.shapes.datasets import (
     Holdout,
     canonical_caption,
-    is_held_out_caption,
     recorded_settings,
     write_shapes_dataset,
 )
-from orion_mllm.data.shapes.scorer import Spec, judge, score_images
+from orion_mllm.data.shapes.scorer import Spec, judge, score_judgments
 from orion_mllm.eval.shapes_gen import GenPrompt, prompt_set, score_folder
 from orion_mllm.eval.shapes_und_edit import normalise, score_edits, score_understanding
 from orion_mllm.images import load_image
@@ -216,18 +215,8 @@ class TrainingCaptions:
         return canonical_caption(spec) in self.captions
 
     def unseen_reason(self, spec: Spec) -> str:
-        """Why an unseen prompt's caption is absent. Under the ``captions`` hold-out: the rule keeps it
-        out (``held_out_caption``) or the sampler never drew it (``new_combination``). Under ``pairs``:
-        it names a colour-shape pair no training image holds (``heldout_pair``), a count no training
-        image holds (``heldout_count``: extrapolation), or a new combination of trained ones."""
-        if self.holdout == "captions":
-            return "held_out_caption" if is_held_out_caption(canonical_caption(spec)) else "new_combination"
-        rule = Holdout.named(self.holdout)
-        if any(not rule.pair_ok(o.colour or "", o.shape) for o in spec.objects):
-            return "heldout_pair"
-        if any(o.count > rule.max_count for o in spec.objects):
-            return "heldout_count"
-        return "new_combination"
+        """Why an unseen prompt's caption is absent (:meth:`Holdout.unseen_reason`)."""
+        return Holdout.named(self.holdout).unseen_reason(spec)
 
     def unseen_by_reason(self, judged: Iterable[tuple[Spec, bool]]) -> dict[str, dict[str, float]]:
         """Unseen prompts per reason: how many, and the share drawn right (``judged``: spec, right)."""
@@ -275,13 +264,14 @@ def eval_generation(
         image.save(folder / "samples" / "0000.png")
     scores: dict[str, Any] = dict(score_folder(outdir, progress=progress))
     if training is not None:
-        unseen = [(p.spec, im) for p, im in zip(prompts, images, strict=True) if not training.seen(p.spec)]
+        unseen = [(p.spec, judge(p.spec, im)) for p, im in zip(prompts, images, strict=True)
+                  if not training.seen(p.spec)]  # fmt: skip
         scores["seen"] = len(prompts) - len(unseen)
         scores["unseen"] = len(unseen)
-        unseen_scores = score_images(unseen) if unseen else {}
+        unseen_scores = score_judgments(unseen) if unseen else {}
         unseen_scores.pop("n", None)
         scores["unseen_scores"] = unseen_scores
-        scores["unseen_by_reason"] = training.unseen_by_reason((spec, judge(spec, im)) for spec, im in unseen)
+        scores["unseen_by_reason"] = training.unseen_by_reason(unseen)
     return scores
 
 

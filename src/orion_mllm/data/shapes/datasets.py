@@ -105,6 +105,19 @@ class Holdout:
             shapes.count(s) <= self.max_count for s in shapes
         )
 
+    def unseen_reason(self, spec: Spec) -> str:
+        """Why a prompt absent from training is absent. Under ``captions``: the rule keeps its caption
+        out (``held_out_caption``) or the sampler never drew it (``new_combination``). Under ``pairs``:
+        it names a colour-shape pair no training image holds (``heldout_pair``), a count no training
+        image holds (``heldout_count``: extrapolation), or a new combination of trained ones."""
+        if self.name == "captions":
+            return "held_out_caption" if is_held_out_caption(canonical_caption(spec)) else "new_combination"
+        if any(not self.pair_ok(o.colour or "", o.shape) for o in spec.objects):
+            return "heldout_pair"
+        if any(o.count > self.max_count for o in spec.objects):
+            return "heldout_count"
+        return "new_combination"
+
     def spec_ok(self, spec: Spec, caption: str) -> bool:
         """May a text-to-image record with this spec and caption be in training. A free layout's
         caption names colours its spec leaves open ("a yellow star" for "a star"): both are checked,

@@ -401,9 +401,14 @@ def judge(spec: Spec, image: Image.Image | np.ndarray) -> bool:
 
 def score_images(pairs: Iterable[tuple[Spec, Image.Image | np.ndarray]]) -> dict[str, float]:
     """Per-category accuracy (categories with samples only), ``overall`` = mean of those, ``n`` = total."""
+    return score_judgments((spec, judge(spec, image)) for spec, image in pairs)
+
+
+def score_judgments(judged: Iterable[tuple[Spec, bool]]) -> dict[str, float]:
+    """:func:`score_images` from verdicts already made (spec, judged right)."""
     hits: dict[str, list[bool]] = {}
-    for spec, image in pairs:
-        hits.setdefault(spec.category, []).append(judge(spec, image))
+    for spec, right in judged:
+        hits.setdefault(spec.category, []).append(bool(right))
     out: dict[str, float] = {c: float(np.mean(hits[c])) for c in CATEGORIES if c in hits}
     out["overall"] = float(np.mean(list(out.values()))) if out else 0.0
     out["n"] = float(sum(len(v) for v in hits.values()))
@@ -492,4 +497,5 @@ __all__ = [
     "relative_position",
     "sample_spec_and_scene",
     "score_images",
+    "score_judgments",
 ]
