@@ -112,3 +112,49 @@ def test_recipe_loss_section_is_the_validated_weights(override, message):
     with pytest.raises(RecipeError, match=message) as err:
         micro_recipe("stage2_pretrain.yaml", "data", override)
     assert "\n" not in str(err.value)
+
+
+def test_train_step_runs_the_frozen_tower_once_for_all_micro_batches(monkeypatch):
+    """``encode_step_images``: one tower call per step, and the same step as with tokens attached beforehand."""
+    from dataclasses import replace
+
+    from orion_mllm.train.distributed import DistState
+    from orion_mllm.train.step import encode_step_images, train_step
+
+    base = OrionModel.from_preset("micro", seed=1)
+    base.set_vision_tower_trainable(False)
+    teacher = make_teacher(base)
+    attached = make_batches(base, demo_conversations(4), batch_size=4)
+    assert len(attached) >= 2 and all(b.visual_tokens is not None for b in attached)
+    bare = [replace(b, visual_tokens=None) for b in attached]
+    weights = LossWeights(1.0, 1.0, 0.01)
+    dist = DistState(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+    def run(batches):
+        model = copy.deepcopy(base).train()
+        calls = []
+        encode = model.encode_images
+        monkeypatch.setattr(model, "encode_images", lambda *a: calls.append(1) or encode(*a))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        total_text = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+        total_visual = sum(int(b.visual_positions.shape[0]) for b in batches)
+        out = train_step(
+            model, teacher, batches, _optimizer(model), trainable, weights, dist=dist,
+            step_text=total_text, step_visual=total_visual,
+        )  # fmt: skip
+        return out, len(calls)
+
+    from_attached, calls_attached = run(attached)
+    from_bare, calls_bare = run(bare)
+    assert (calls_attached, calls_bare) == (0, 1)
+    for key in ("loss", "ce", "mse", "kl", "grad_norm"):
+        assert from_bare[key] == pytest.approx(from_attached[key], rel=1e-5), key
+
+    # Each micro-batch gets exactly its own images' tokens.
+    moved = encode_step_images(base, bare, torch.device("cpu"))
+    for got, want in zip(moved, attached, strict=True):
+        torch.testing.assert_close(got.visual_tokens, want.visual_tokens)
+
+    # A trainable tower (stage-0 base training) stays in the model's forward, where its gradient is.
+    base.set_vision_tower_trainable(True)
+    assert all(b.visual_tokens is None for b in encode_step_images(base, bare, torch.device("cpu")))

@@ -123,7 +123,7 @@ def parallelize(
     if not state.distributed:
         return
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(state.device.type, (state.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
@@ -131,6 +131,9 @@ def parallelize(
     for layer in _decoder_layers(text_model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    # The training step runs the frozen tower once per step, outside the model's forward
+    # (``train.step.encode_step_images``): FSDP must gather the root unit's shards for that call too.
+    register_fsdp_forward_method(model, "encode_images")
     if teacher is not None:  # a KLTeacher
         backbone = teacher.backbone
         t_text = backbone.model.language_model
