@@ -115,7 +115,7 @@ def test_recipe_loss_section_is_the_validated_weights(override, message):
 
 
 def test_train_step_runs_the_frozen_tower_once_for_all_micro_batches(monkeypatch):
-    """``encode_step_images``: one tower call per step, and the same step as with tokens attached beforehand."""
+    """``encode_step_images``: one tower call per step, the same step as with tokens attached beforehand."""
     from dataclasses import replace
 
     from orion_mllm.train.distributed import DistState

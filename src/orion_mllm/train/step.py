@@ -47,9 +47,8 @@ def encode_step_images(
         return moved
     merge = model.config.image_spec.merge_size
     with torch.no_grad(), autocast():
-        tokens = model.encode_images(
-            torch.cat([moved[i].pixel_values for i in todo]), torch.cat([moved[i].image_grid_thw for i in todo])
-        )
+        pixels = torch.cat([moved[i].pixel_values for i in todo])
+        tokens = model.encode_images(pixels, torch.cat([moved[i].image_grid_thw for i in todo]))
     counts = [int(moved[i].image_grid_thw.prod(dim=1).sum()) // merge**2 for i in todo]
     if sum(counts) != tokens.shape[0]:
         raise ValueError(f"vision tower returned {tokens.shape[0]} tokens for images of {sum(counts)}")
