@@ -259,3 +259,21 @@ def test_a_scene_no_drawn_question_fits_falls_back_to_counting():
     for name in ("captions", "pairs"):
         record = understanding_record(AlwaysPosition(0), scene, "x.png", 0, Holdout.named(name))
         assert record["qtype"] == "count" and record["answer"] in {"0", "1"}
+
+
+def test_holdout_names_agree_in_generator_recipe_and_cli():
+    """The hold-out names live in three layers (generator, recipe schema, CLI): they must agree."""
+    import argparse
+    import typing
+
+    from orion_mllm.cli import build_parser
+    from orion_mllm.data.shapes.datasets import HOLDOUTS
+    from orion_mllm.train.recipe import ShapesDataSection
+
+    assert set(typing.get_args(ShapesDataSection.model_fields["holdout"].annotation)) == set(HOLDOUTS)
+    parser = build_parser()
+    for name in ("data", "shapes"):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    option = next(a for a in parser._actions if a.dest == "holdout")
+    assert set(option.choices) == set(HOLDOUTS) and option.default == HOLDOUTS[0] == "captions"

@@ -44,8 +44,8 @@ from orion_mllm.workflow.quickstart import (
     Quickstart,
     assemble_model_dir,
     recipe_path,
-    train_stage,
 )
+from orion_mllm.workflow.train_stage import train_stage
 
 WARMUP_FRACTION = {"none": 0.0, "small": 0.25, "large": 1.0}
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orion_mllm.train.recipe import DecoderRecipe, load_recipe
+from orion_mllm.train.recipe import load_recipe
 from orion_mllm.workflow.committed_base import check_base, committed_base, install_base
 from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
 from orion_mllm.workflow.stage0 import stage0_recipe_files, train_stage0
+from orion_mllm.workflow.train_stage import train_stage
 
 PRESETS = ("micro", "tiny")
 STATE_FILE = "quickstart.json"
@@ -81,18 +82,6 @@ def recipe_path(preset: str, stage: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
     return path
-
-
-def train_stage(recipe_file: Path, run_dir: Path, overrides: list[str]) -> Path:
-    """Train (or resume, or skip if finished) one stage in this process; returns its exported model."""
-    recipe = load_recipe(recipe_file, overrides)
-    if isinstance(recipe, DecoderRecipe):
-        from orion_mllm.train.decoder_trainer import DecoderTrainer
-
-        return Path(DecoderTrainer(recipe, run_dir).run())
-    from orion_mllm.train.trainer import Trainer
-
-    return Path(Trainer(recipe, run_dir, recipe_path=str(recipe_file)).run().final_model)
 
 
 def assemble_model_dir(model: Path, decoder: Path, target: Path) -> Path:
@@ -301,4 +290,4 @@ class Quickstart:
             self._save_state(state)
 
 
-__all__ = ["EVAL_SIZES", "PRESETS", "STEPS", "Quickstart", "assemble_model_dir", "recipe_path", "train_stage"]
+__all__ = ["EVAL_SIZES", "PRESETS", "STEPS", "Quickstart", "assemble_model_dir", "recipe_path"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from orion_mllm.workflow.train_stage import train_stage
+
 FIRST_PHASE = "stage0_base"
 LATER_PHASES = ("stage0_mcq", "stage0_recap")
 
@@ -48,19 +50,12 @@ def train_stage0(
     ``overrides_for(recipe_file)`` gives that phase's overrides (its data folder, a smoke-run step cap);
     every phase after the first also gets ``model.init`` = the previous phase's final model.
     """
-    from orion_mllm.train.recipe import load_recipe
-    from orion_mllm.train.trainer import Trainer  # torch only when training
-
     finals: list[Path] = []
     for recipe_file, phase_dir in zip(recipe_files, phase_run_dirs(recipe_files, run_dir), strict=True):
         overrides = list(overrides_for(recipe_file))
         if finals:
             overrides.append(f"model.init={finals[-1]}")
-        recipe = load_recipe(recipe_file, overrides)
-        if recipe.stage != "base":
-            raise ValueError(f"{recipe_file}: stage {recipe.stage!r}, a stage-0 phase must be a base run")
-        result = Trainer(recipe, phase_dir, recipe_path=str(recipe_file)).run()
-        finals.append(Path(result.final_model).resolve())
+        finals.append(train_stage(recipe_file, phase_dir, overrides, expect_stage="base").resolve())
     return finals
 
 

@@ -1,0 +1,34 @@
+"""Train one stage (or the decoder) in this process: the one place the workflows call the trainers.
+
+``orion quickstart``, ``orion ablate`` and stage 0's phases (``workflow.stage0``) all train through
+:func:`train_stage`, so resuming, skipping a finished run and where the exported model lands work the
+same everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orion_mllm.train.recipe import DecoderRecipe, load_recipe
+
+
+def train_stage(
+    recipe_file: Path, run_dir: Path, overrides: list[str], *, expect_stage: str | None = None
+) -> Path:
+    """Train (or resume, or skip if finished) one stage in this process; returns its exported model.
+
+    ``expect_stage``: refuse a recipe of another stage (e.g. ``base`` for stage 0's phases)."""
+    recipe = load_recipe(recipe_file, overrides)
+    if expect_stage is not None and getattr(recipe, "stage", None) != expect_stage:
+        found = getattr(recipe, "stage", "decoder")
+        raise ValueError(f"{recipe_file}: stage {found!r}, expected a {expect_stage!r} recipe")
+    if isinstance(recipe, DecoderRecipe):
+        from orion_mllm.train.decoder_trainer import DecoderTrainer
+
+        return Path(DecoderTrainer(recipe, run_dir).run())
+    from orion_mllm.train.trainer import Trainer  # torch only when training
+
+    return Path(Trainer(recipe, run_dir, recipe_path=str(recipe_file)).run().final_model)
+
+
+__all__ = ["train_stage"]
