@@ -14,6 +14,8 @@ from orion_mllm.cli import main
 from orion_mllm.data.shapes.scorer import CATEGORIES
 from orion_mllm.eval.drift import compare_logits
 from orion_mllm.train.metrics import read_metrics
+from orion_mllm.workflow.evaluate import stale_parts
+from orion_mllm.workflow.quickstart import EVAL_SIZES
 from orion_mllm.workflow.report import METRIC_KEYS
 
 # A smoke budget: every stage runs a few steps, every evaluation a few items (recorded in metrics.json).
@@ -88,6 +90,15 @@ def test_quickstart_rerun_skips_finished_steps_and_redoes_only_missing_ones(quic
     assert out.count("done earlier") == 7
     assert (quickstart / "eval" / "final" / "gen.json").is_file()
     assert {s: (quickstart / s / "run.json").stat().st_mtime_ns for s in stamps} == stamps
+    # Each part's size is recorded beside it; a part computed at another size counts as not done.
+    final = quickstart / "eval" / "final"
+    assert json.loads((final / "eval_sizes.json").read_text())["und"] == 6  # --eval-limit
+    assert stale_parts(final, ("und", "gen"), EVAL_SIZES["micro"].limited(6)) == []
+    assert stale_parts(final, ("und", "gen"), EVAL_SIZES["micro"].limited(5)) == ["und", "gen"]
+    sizes = (final / "eval_sizes.json").read_text()
+    (final / "eval_sizes.json").unlink()  # results from before sizes were recorded: size unknown
+    assert stale_parts(final, ("und",), EVAL_SIZES["micro"].limited(6)) == ["und"]
+    (final / "eval_sizes.json").write_text(sizes)
 
     # Other settings on the same folder are refused, naming what changed.
     with pytest.raises(ValueError, match="max_steps 4 -> 5"):

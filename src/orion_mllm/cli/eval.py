@@ -162,7 +162,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = eval_sub.add_parser(
         "shapes-und", help="understanding accuracy of a model (circular MCQ, short answers)"
     )
-    eval_model_options(p, 200)
+    eval_model_options(p, 1000)  # the quickstart's size (workflow.evaluate.EvalSizes.und)
     p.set_defaults(func=_cmd_eval_shapes_und)
     p = eval_sub.add_parser("shapes-edit", help="editing accuracy of a model (recolour/add/remove/move/swap)")
     eval_model_options(p, 200)
