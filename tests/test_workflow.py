@@ -231,6 +231,10 @@ def test_ablate_can_share_a_finished_quickstart_base(quickstart, tmp_path):
     assert len(read_metrics(out / "E" / "seed0" / "stage2_pretrain")) == 4
     run = json.loads((out / "E" / "seed0" / "stage2_pretrain" / "run.json").read_text())
     assert run["teacher"] == str((quickstart / "stage0_base" / "final").resolve())
+    # The base's understanding is measured on the configurations' records (4 here, not the base run's 6).
+    base_und = json.loads((out / "base_eval" / "und.json").read_text())
+    assert json.loads((out / "base_eval" / "eval_sizes.json").read_text())["und"] == 4
+    assert json.loads((out / "ablation.json").read_text())["base_und"] == base_und["overall"]
     with pytest.raises(FileNotFoundError, match="not a quickstart run"):
         main(["--debug", "ablate", "--preset", "micro", "--out", str(out), "--base", str(tmp_path)])
 

@@ -190,7 +190,12 @@ class Ablation:
                 self.log(f"[ablate {k}/{total}] config {cfg.name} ({cfg.paper}: head {cfg.head}, KL "
                          f"{'on' if cfg.kl else 'off'}, warm-up {cfg.warmup}), seed {seed}")  # fmt: skip
                 results.setdefault(cfg.name, []).append(self.run_one(cfg, seed))
-        base_und = json.loads((self.base.out / "eval" / "base" / "und.json").read_text())["overall"]
+        # The base's understanding on the same records as every configuration's (the base run's own
+        # evaluation may have used another size): evaluated here once, in OUT/base_eval.
+        base_und = evaluate_model(
+            self.base.run_dir("stage0_base") / "final", self.out / "base_eval", data_root=self.base.eval_data,
+            image_size=self.base.image_size, sizes=self.sizes, parts=("und",), progress=self.progress,
+        )["und"]["overall"]  # fmt: skip
         table = summarise(self.configs, results, base_und)
         (self.out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
         (self.out / "ablation.md").write_text(render_table(table, self))
