@@ -245,3 +245,18 @@ def test_report_grid_ends_with_two_held_out_captions():
     from orion_mllm.workflow.report import GRID_PROMPTS
 
     assert [is_held_out_caption(p) for p in GRID_PROMPTS] == [False] * (len(GRID_PROMPTS) - 2) + [True] * 2
+
+
+def test_max_steps_caps_a_stage_and_never_lengthens_it():
+    """``--max-steps`` of the quickstart and the ablation is a cap: a 200-step stage stays at 200 under 700."""
+    from orion_mllm.train.recipe import load_recipe
+    from orion_mllm.workflow.quickstart import recipe_path
+    from orion_mllm.workflow.train_stage import step_cap
+
+    stage3 = load_recipe(recipe_path("tiny", "stage3_sft"))
+    assert stage3.train.max_steps == 200
+    assert step_cap(stage3, 700) == ["train.max_steps=200"]
+    assert step_cap(stage3, 50) == ["train.max_steps=50"]
+    assert step_cap(stage3, None) == []
+    unbounded = load_recipe(recipe_path("tiny", "stage3_sft"), ["train.max_steps=null"])
+    assert step_cap(unbounded, 700) == ["train.max_steps=700"]

@@ -45,7 +45,7 @@ from orion_mllm.workflow.quickstart import (
     assemble_model_dir,
     recipe_path,
 )
-from orion_mllm.workflow.train_stage import train_stage
+from orion_mllm.workflow.train_stage import step_cap, train_stage
 
 WARMUP_FRACTION = {"none": 0.0, "small": 0.25, "large": 1.0}
 
@@ -135,8 +135,8 @@ class Ablation:
 
     def stage_overrides(self, cfg: AblationConfig, seed: int, stage: str, run: Path) -> list[str]:
         extra = [*self.base.overrides(stage), f"model.head={cfg.head}", f"train.seed={seed}"]
-        if self.max_steps is not None:  # after the base's own overrides: the last value wins
-            extra.append(f"train.max_steps={self.max_steps}")
+        # After the base's own overrides (the last value wins): a cap, never more than the recipe's steps.
+        extra += step_cap(load_recipe(recipe_path(self.preset, stage), extra), self.max_steps)
         base_model = self.base.run_dir("stage0_base") / "final"
         if stage == "stage1_warmup":  # the shared base lives in OUT/base, not next to this run
             extra.append(f"model.init={base_model}")

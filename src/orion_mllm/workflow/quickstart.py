@@ -33,7 +33,7 @@ from orion_mllm.train.recipe import load_recipe
 from orion_mllm.workflow.committed_base import check_base, committed_base, install_base
 from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
 from orion_mllm.workflow.stage0 import stage0_recipe_files, train_stage0
-from orion_mllm.workflow.train_stage import train_stage
+from orion_mllm.workflow.train_stage import step_cap, train_stage
 
 PRESETS = ("micro", "tiny")
 STATE_FILE = "quickstart.json"
@@ -169,9 +169,7 @@ class Quickstart:
         extra = []
         if recipe.data_root is not None:
             extra.append(f"data_root={self.out / 'data' / Path(recipe.data_root).name}")
-        if self.max_steps is not None:
-            extra.append(f"train.max_steps={self.max_steps}")
-        return extra
+        return extra + step_cap(recipe, self.max_steps)
 
     def expected_s(self, step: Step) -> float:
         """The step's measured seconds (for the ETA); copying a committed base takes about one."""

@@ -8,8 +8,18 @@ same everywhere.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from orion_mllm.train.recipe import DecoderRecipe, load_recipe
+
+
+def step_cap(recipe: Any, cap: int | None) -> list[str]:
+    """The override that caps a recipe's optimizer steps at ``cap`` (smoke runs, ``--max-steps``):
+    never *more* steps than the recipe asks for (a stage of 200 steps stays at 200 under a cap of 700)."""
+    if cap is None:
+        return []
+    own = recipe.train.max_steps
+    return [f"train.max_steps={cap if own is None else min(own, cap)}"]
 
 
 def train_stage(
@@ -31,4 +41,4 @@ def train_stage(
     return Path(Trainer(recipe, run_dir, recipe_path=str(recipe_file)).run().final_model)
 
 
-__all__ = ["train_stage"]
+__all__ = ["step_cap", "train_stage"]
