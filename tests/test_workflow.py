@@ -248,7 +248,7 @@ def test_report_grid_ends_with_two_held_out_captions():
 
 
 def test_max_steps_caps_a_stage_and_never_lengthens_it():
-    """``--max-steps`` of the quickstart and the ablation is a cap: a 200-step stage stays at 200 under 700."""
+    """``--max-steps`` (quickstart, ablation) is a cap: a 200-step stage stays at 200 under 700."""
     from orion_mllm.train.recipe import load_recipe
     from orion_mllm.workflow.quickstart import recipe_path
     from orion_mllm.workflow.train_stage import step_cap
