@@ -8,12 +8,11 @@ same everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from orion_mllm.train.recipe import DecoderRecipe, load_recipe
+from orion_mllm.train.recipe import DecoderRecipe, RunRecipe, load_recipe
 
 
-def step_cap(recipe: Any, cap: int | None) -> list[str]:
+def step_cap(recipe: RunRecipe, cap: int | None) -> list[str]:
     """The override that caps a recipe's optimizer steps at ``cap`` (smoke runs, ``--max-steps``):
     never *more* steps than the recipe asks for (a stage of 200 steps stays at 200 under a cap of 700)."""
     if cap is None:
@@ -29,9 +28,8 @@ def train_stage(
 
     ``expect_stage``: refuse a recipe of another stage (e.g. ``base`` for stage 0's phases)."""
     recipe = load_recipe(recipe_file, overrides)
-    if expect_stage is not None and getattr(recipe, "stage", None) != expect_stage:
-        found = getattr(recipe, "stage", "decoder")
-        raise ValueError(f"{recipe_file}: stage {found!r}, expected a {expect_stage!r} recipe")
+    if expect_stage is not None and recipe.stage != expect_stage:
+        raise ValueError(f"{recipe_file}: stage {recipe.stage!r}, expected a {expect_stage!r} recipe")
     if isinstance(recipe, DecoderRecipe):
         from orion_mllm.train.decoder_trainer import DecoderTrainer
 
