@@ -235,6 +235,18 @@ def test_ablate_can_share_a_finished_quickstart_base(quickstart, tmp_path):
     base_und = json.loads((out / "base_eval" / "und.json").read_text())
     assert json.loads((out / "base_eval" / "eval_sizes.json").read_text())["und"] == 4
     assert json.loads((out / "ablation.json").read_text())["base_und"] == base_und["overall"]
+    # --report-only trains nothing and tabulates what finished: E's one seed, F (never run) left out.
+    stamp = (out / "E" / "seed0" / "stage3_sft" / "run.json").stat().st_mtime_ns
+    common = ["--out", str(out), "--base", str(quickstart), "--max-steps", "4", "--eval-limit", "4"]
+    report = ["ablate", "--preset", "micro", "--seeds", "2", "--report-only", *common]
+    assert main([*report, "--configs", "E", "F"]) == 0
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [(r["config"], r["und"]["n"]) for r in rows] == [("E", 1)]
+    assert "| E | mlp | × | small | 1 |" in (out / "ablation.md").read_text()
+    assert (out / "E" / "seed0" / "stage3_sft" / "run.json").stat().st_mtime_ns == stamp
+    assert not (out / "F").exists()
+    with pytest.raises(ValueError, match="no finished and evaluated run of configurations F"):
+        main(["--debug", *report, "--configs", "F"])
     with pytest.raises(FileNotFoundError, match="not a quickstart run"):
         main(["--debug", "ablate", "--preset", "micro", "--out", str(out), "--base", str(tmp_path)])
 

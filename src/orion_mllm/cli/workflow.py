@@ -51,7 +51,10 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         args.preset, args.out, seeds=args.seeds, configs=args.configs, max_steps=args.max_steps,
         eval_limit=args.eval_limit, base=args.base,
     )  # fmt: skip
-    ab.run()
+    if args.report_only:
+        ab.write_table(ab.finished())
+    else:
+        ab.run()
     print((ab.out / "ablation.md").read_text())
     print(json.dumps({"table": str(ab.out / "ablation.md"), "json": str(ab.out / "ablation.json")}))
     return 0
@@ -114,6 +117,10 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base", default=None, help="a finished `orion quickstart` folder whose stage-0 base and decoder "
         "all configurations share (default: train them in OUT/base)",
+    )  # fmt: skip
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: write the table from the runs finished "
+        "so far (a long ablation's partial results; each row says how many seeds it holds)",
     )  # fmt: skip
     workflow_options(p, "ablate")
     p.set_defaults(func=_cmd_ablate)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from orion_mllm.train.recipe import load_recipe
-from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
+from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model, stale_parts
 from orion_mllm.workflow.quickstart import (
     EVAL_SIZES,
     Quickstart,
@@ -48,6 +48,7 @@ from orion_mllm.workflow.quickstart import (
 from orion_mllm.workflow.train_stage import step_cap, train_stage
 
 WARMUP_FRACTION = {"none": 0.0, "small": 0.25, "large": 1.0}
+EVAL_PARTS = ("und", "gen", "edit", "drift")  # what each configuration's final model is evaluated on
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Ablation:
             assemble_model_dir(run / "stage3_sft" / "final", self.base.run_dir("decoder") / "final", model)
         return evaluate_model(
             model, run / "eval", data_root=self.base.eval_data, image_size=self.base.image_size,
-            sizes=self.sizes, parts=("und", "gen", "edit", "drift"),
+            sizes=self.sizes, parts=EVAL_PARTS,
             base_dir=self.base.run_dir("stage0_base") / "final", progress=self.progress,
             train_gen=self.base.train_data / "gen.jsonl",
         )  # fmt: skip
@@ -190,13 +191,32 @@ class Ablation:
                 self.log(f"[ablate {k}/{total}] config {cfg.name} ({cfg.paper}: head {cfg.head}, KL "
                          f"{'on' if cfg.kl else 'off'}, warm-up {cfg.warmup}), seed {seed}")  # fmt: skip
                 results.setdefault(cfg.name, []).append(self.run_one(cfg, seed))
+        return self.write_table(results)
+
+    def finished(self) -> dict[str, list[dict[str, Any]]]:
+        """The evaluations of the runs that have finished so far, per configuration (``--report-only``:
+        a table of a long ablation before all of it has run)."""
+        results: dict[str, list[dict[str, Any]]] = {}
+        for cfg in self.configs:
+            for seed in range(self.seeds):
+                ev = self.out / cfg.name / f"seed{seed}" / "eval"
+                if ev.is_dir() and not stale_parts(ev, EVAL_PARTS, self.sizes):
+                    runs = results.setdefault(cfg.name, [])
+                    runs.append({p: json.loads((ev / f"{p}.json").read_text()) for p in EVAL_PARTS})
+        return results
+
+    def write_table(self, results: dict[str, list[dict[str, Any]]]) -> dict:
+        """OUT/ablation.json and OUT/ablation.md from ``results`` (configurations without a run left out)."""
+        if not any(results.values()):
+            raise ValueError(f"{self.out}: no finished and evaluated run of configurations "
+                             f"{' '.join(c.name for c in self.configs)} yet")  # fmt: skip
         # The base's understanding on the same records as every configuration's (the base run's own
         # evaluation may have used another size): evaluated here once, in OUT/base_eval.
         base_und = evaluate_model(
             self.base.run_dir("stage0_base") / "final", self.out / "base_eval", data_root=self.base.eval_data,
             image_size=self.base.image_size, sizes=self.sizes, parts=("und",), progress=self.progress,
         )["und"]["overall"]  # fmt: skip
-        table = summarise(self.configs, results, base_und)
+        table = summarise([c for c in self.configs if results.get(c.name)], results, base_und)
         (self.out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
         (self.out / "ablation.md").write_text(render_table(table, self))
         return table
@@ -232,16 +252,16 @@ def render_table(table: dict, ablation: Ablation) -> str:
         return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
     lines = [
-        f"Preset `{ablation.preset}`, {ablation.seeds} seed(s); base model (stage 0) understanding "
-        f"{100 * table['base_und']:.1f}%. Mean ± std over seeds.",
+        f"Preset `{ablation.preset}`, {ablation.seeds} seed(s) asked (the seeds column: how many finished); "
+        f"base model (stage 0) understanding {100 * table['base_und']:.1f}%. Mean ± std over seeds.",
         "",
-        "| config | vision head | KL | stage-1 warm-up | shapes-und (%) | shapes-gen | shapes-edit (%) "
-        "| drift KL |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| config | vision head | KL | stage-1 warm-up | seeds | shapes-und (%) | shapes-gen "
+        "| shapes-edit (%) | drift KL |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table["rows"]:
         lines.append(
-            f"| {r['config']} | {r['head']} | {'✓' if r['kl'] else '×'} | {r['warmup']} | "
+            f"| {r['config']} | {r['head']} | {'✓' if r['kl'] else '×'} | {r['warmup']} | {r['und']['n']} | "
             f"{cell(r['und'], True)} | {cell(r['gen'], False)} | {cell(r['edit'], True)} | "
             f"{cell(r['drift'], False)} |"
         )
