@@ -210,10 +210,12 @@ class Ablation:
         if not any(results.values()):
             raise ValueError(f"{self.out}: no finished and evaluated run of configurations "
                              f"{' '.join(c.name for c in self.configs)} yet")  # fmt: skip
-        # The base's understanding on the same records as every configuration's (the base run's own
-        # evaluation may have used another size): evaluated here once, in OUT/base_eval.
+        # The base's understanding on the same records as every configuration's: the base run's own
+        # evaluation when it used that size, else evaluated once here, in OUT/base_eval.
+        same_size = self.base.sizes.und == self.sizes.und
+        folder = self.base.out / "eval" / "base" if same_size else self.out / "base_eval"
         base_und = evaluate_model(
-            self.base.run_dir("stage0_base") / "final", self.out / "base_eval", data_root=self.base.eval_data,
+            self.base.run_dir("stage0_base") / "final", folder, data_root=self.base.eval_data,
             image_size=self.base.image_size, sizes=self.sizes, parts=("und",), progress=self.progress,
         )["und"]["overall"]  # fmt: skip
         table = summarise([c for c in self.configs if results.get(c.name)], results, base_und)

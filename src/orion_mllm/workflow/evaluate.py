@@ -120,11 +120,12 @@ def evaluate_model(
             model_dir, image_separator=SHAPES_IMAGE_SEPARATOR, device="cpu", dtype="fp32"
         )
         root = evaluation_data(data_root, image_size, sizes, progress=progress)
+        recorded = _cached(out / SIZES_FILE) or {}
         for part in todo:
             result = _run_part(part, pipe, root, out, sizes, base_dir, progress, batch_size, train_gen)
             _write_json(out / f"{part}.json", result)
-            recorded = _cached(out / SIZES_FILE) or {}
-            _write_json(out / SIZES_FILE, {**recorded, part: getattr(sizes, PART_SIZES[part])})
+            recorded[part] = getattr(sizes, PART_SIZES[part])
+            _write_json(out / SIZES_FILE, recorded)
     return {p: _cached(out / f"{p}.json") for p in parts}
 
 
