@@ -17,6 +17,11 @@ What a training step needs, per conversation (``EncodedConversation``):
 - ``visual_positions`` [K]: positions whose hidden state regresses a visual token: for each target
   image, the ``<|vision_start|>`` position (predicts v_1) and the first N-1 pads (v_j predicts
   v_{j+1}). ``visual_target_index`` [K] indexes the flat list of the conversation's visual tokens.
+- ``visual_source_index`` [K]: for an edit, the flat index of the *source* image's token at the
+  same grid cell as the token each position predicts (-1 where there is none). The source of a
+  generated image is the image of the user turn right before its assistant turn, when that turn
+  holds exactly one image and it has the generated image's grid (``edit_sources``). A model with
+  ``source_skip`` adds a learned projection of it to that position's input (``model/orion.py``).
 - ``position_ids`` [4, S]: row 0 = plain text positions (transformers uses it to keep packed
   samples apart), rows 1-3 = M-RoPE (temporal, height, width) per Qwen2.5-VL's rope-index rules.
 - ``pixel_values`` / ``image_grid_thw`` / ``image_is_target``: the images, processed by the
@@ -98,6 +103,9 @@ class EncodedConversation:
     visual_target_index: torch.Tensor  # [K] long, into the flat visual-token list
     rope_delta: int  # max M-RoPE position + 1 - S (what generation continues from)
     record_id: str = ""
+    visual_source_index: torch.Tensor | None = None  # [K] long, -1 = no edit source (None: none at all)
+    # A prompt (add_generation_prompt): the image an image in the reply would edit (``edit_sources``).
+    reply_source_image: int | None = None
     visual_tokens: torch.Tensor | None = None  # [sum tokens, d] once attached (teacher forcing inputs)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -268,6 +276,8 @@ class SequenceBuilder:
         rope_delta = int(rope.max()) + 1 - seq_len if seq_len else 0
 
         visual_positions, visual_index = self._visual_targets(input_ids, images, tokens_per_image)
+        sources, reply_source = edit_sources(messages, grid, add_generation_prompt=add_generation_prompt)
+        source_index = _source_index(sources, images, tokens_per_image)
         return EncodedConversation(
             input_ids=input_ids,
             labels=labels,
@@ -281,6 +291,8 @@ class SequenceBuilder:
             visual_target_index=visual_index,
             rope_delta=rope_delta,
             record_id=record_id,
+            visual_source_index=source_index,
+            reply_source_image=reply_source,
         )
 
     def _visual_targets(
@@ -312,6 +324,64 @@ class SequenceBuilder:
         if not positions:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return torch.cat(positions), torch.cat(index)
+
+
+def edit_sources(
+    messages: Sequence[Message], grid: torch.Tensor | None, *, add_generation_prompt: bool = False
+) -> tuple[list[int | None], int | None]:
+    """Which image each image edits, and which one a reply's image would edit (indices in order of
+    appearance; None: none).
+
+    A generated (assistant) image's source is the image of the user turn right before its assistant
+    turn, if that turn holds exactly one image with the same grid: an edit request. Anything else
+    (text-to-image, several user images, another size) has none, so ``source_skip`` only ever
+    carries a picture cell by cell onto the picture that replaces it.
+    """
+    owner: list[int] = [m for m, msg in enumerate(messages) for p in msg.parts if isinstance(p, ImagePart)]
+    grids = [] if grid is None else [tuple(g) for g in grid.tolist()]
+
+    def source_of(k_turn: int, target_grid: tuple[int, ...] | None) -> int | None:
+        prev = k_turn - 1
+        if prev < 0 or messages[prev].role != "user":
+            return None
+        mine = [k for k, m in enumerate(owner) if m == prev]
+        if len(mine) != 1:
+            return None
+        if target_grid is not None and grids[mine[0]] != target_grid:
+            return None
+        return mine[0]
+
+    sources: list[int | None] = [
+        source_of(m, grids[k]) if messages[m].role == "assistant" else None for k, m in enumerate(owner)
+    ]
+    reply = None
+    if add_generation_prompt and messages and messages[-1].role == "user":
+        reply = source_of(len(messages), None)
+    return sources, reply
+
+
+def _source_index(
+    sources: list[int | None], images: list[tuple[Any, bool]], tokens_per_image: list[int]
+) -> torch.Tensor | None:
+    """``visual_source_index`` in the order of ``_visual_targets`` (target images in order), or None
+    when no target image has a source."""
+    if not any(s is not None for s in sources):
+        return None
+    offsets = [0]
+    for n in tokens_per_image:
+        offsets.append(offsets[-1] + n)
+    parts = []
+    for k, (_, is_target) in enumerate(images):
+        if not is_target:
+            continue
+        src = sources[k]
+        n = tokens_per_image[k]
+        parts.append(
+            torch.full((n,), -1, dtype=torch.long)
+            if src is None
+            else torch.arange(offsets[src], offsets[src] + n)
+        )
+    return torch.cat(parts)
 
 
 def _template_message(message: Message) -> dict[str, Any]:
@@ -356,6 +426,8 @@ class Batch:
     # Several conversations per row (``collate_packed``): the model then passes no attention mask and
     # transformers separates the samples by where the text row of position_ids restarts.
     packed: bool = False
+    # [K] into visual_tokens: each visual position's edit-source token (-1: none); None: no sources.
+    visual_source_index: torch.Tensor | None = None
 
     @property
     def visual_targets(self) -> torch.Tensor:
@@ -391,7 +463,7 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
     mm_types = torch.zeros((bsz, width), dtype=torch.int)
     # Padding positions are masked out; give them increasing positions so nothing odd reaches RoPE.
     position_ids = torch.arange(width).view(1, 1, -1).repeat(4, bsz, 1)
-    vis_pos, vis_idx, tokens, pixels, grids = [], [], [], [], []
+    vis_pos, vis_idx, vis_src, tokens, pixels, grids = [], [], [], [], [], []
     token_offset = 0
     for row, item in enumerate(items):
         n = len(item)
@@ -404,6 +476,7 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
             torch.stack([torch.full_like(item.visual_positions, row), item.visual_positions], dim=1)
         )
         vis_idx.append(item.visual_target_index + token_offset)
+        vis_src.append(shifted_source_index(item, token_offset))
         token_offset += int(item.image_num_tokens.sum())
         if item.pixel_values is not None:
             pixels.append(item.pixel_values)
@@ -412,13 +485,21 @@ def collate(items: Sequence[EncodedConversation], pad_token_id: int) -> Batch:
             tokens.append(item.visual_tokens)
     return assemble_batch(
         input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
-        token_offset, packed=False,
+        token_offset, packed=False, vis_src=vis_src,
     )  # fmt: skip
+
+
+def shifted_source_index(item: EncodedConversation, token_offset: int) -> torch.Tensor:
+    """``item.visual_source_index`` moved by ``token_offset`` (-1 stays -1; None becomes all -1)."""
+    src = item.visual_source_index
+    if src is None:
+        return torch.full_like(item.visual_target_index, -1)
+    return torch.where(src >= 0, src + token_offset, src)
 
 
 def assemble_batch(
     input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
-    n_visual_tokens: int, *, packed: bool,
+    n_visual_tokens: int, *, packed: bool, vis_src: list[torch.Tensor] | None = None,
 ) -> Batch:  # fmt: skip
     """The shared tail of ``collate`` and ``data.packing.collate_packed``: concatenate the per-sample
     visual lists."""
@@ -436,4 +517,13 @@ def assemble_batch(
         visual_target_index=torch.cat(vis_idx).long(),
         mm_token_type_ids=mm_types,
         packed=packed,
+        visual_source_index=_any_source(vis_src),
     )
+
+
+def _any_source(vis_src: list[torch.Tensor] | None) -> torch.Tensor | None:
+    """The batch's source index, or None when no visual position has a source (no work to do)."""
+    if not vis_src:
+        return None
+    index = torch.cat(vis_src).long()
+    return index if bool((index >= 0).any()) else None

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from orion_mllm.sequence import IGNORE_INDEX, Batch, EncodedConversation, assemble_batch
+from orion_mllm.sequence import (
+    IGNORE_INDEX,
+    Batch,
+    EncodedConversation,
+    assemble_batch,
+    shifted_source_index,
+)
 
 __all__ = ["collate_packed", "pack_first_fit_decreasing"]
 
@@ -73,7 +79,7 @@ def collate_packed(
     attention = torch.zeros((bsz, width), dtype=torch.long)
     mm_types = torch.zeros((bsz, width), dtype=torch.int)
     position_ids = torch.zeros((4, bsz, width), dtype=torch.long)
-    vis_pos, vis_idx, tokens, pixels, grids = [], [], [], [], []
+    vis_pos, vis_idx, vis_src, tokens, pixels, grids = [], [], [], [], [], []
     token_offset = 0
     for row, items in enumerate(bins):
         offset = 0
@@ -92,6 +98,7 @@ def collate_packed(
             rows = torch.full_like(item.visual_positions, row)
             vis_pos.append(torch.stack([rows, item.visual_positions + offset], dim=1))
             vis_idx.append(item.visual_target_index + token_offset)
+            vis_src.append(shifted_source_index(item, token_offset))
             token_offset += int(item.image_num_tokens.sum())
             if item.pixel_values is not None:
                 pixels.append(item.pixel_values)
@@ -103,5 +110,5 @@ def collate_packed(
         position_ids[:, row, offset:] = torch.arange(width - offset)
     return assemble_batch(
         input_ids, attention, labels, position_ids, mm_types, vis_pos, vis_idx, tokens, pixels, grids,
-        token_offset, packed=True,
+        token_offset, packed=True, vis_src=vis_src,
     )  # fmt: skip

@@ -173,7 +173,9 @@ def teacher_forced_tokens(
     builder = m.sequence_builder()
     enc = [attach_visual_tokens(encode_record(builder, r), m.encode_images) for r in records]
     batch = collate(enc, m.processor.tokenizer.pad_token_id)
-    hidden, _ = backbone_hidden_states(m.backbone, batch, batch.visual_tokens)
+    hidden, _ = backbone_hidden_states(
+        m.backbone, batch, batch.visual_tokens, source_inputs=m.source_inputs(batch, batch.visual_tokens)
+    )
     rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
     return m.predict_visual_tokens(hidden[rows, cols]).float(), enc
 

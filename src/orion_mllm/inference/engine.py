@@ -5,7 +5,9 @@ Text is decoded as usual (greedy, or temperature / top-p sampling). When a row e
 mode for the generation grid's N tokens: the vision head regresses ``v_1`` from the hidden state at
 ``<|vision_start|>``, ``v_1`` is fed back as the next input embedding (where teacher-forced training
 puts the ground-truth token: the first ``<|image_pad|>``), and so on until ``v_N`` is fed; then
-``<|vision_end|>`` is fed and text resumes.
+``<|vision_end|>`` is fed and text resumes. A model with ``source_skip`` and a prompt that edits an
+image (``Prompt.source_tokens``) also gets the source's token j added to the input that regresses
+``v_j`` (the ``<|vision_start|>`` for j = 1, the fed ``v_{j-1}`` after), as training adds it.
 
 Positions follow ``sequence.mrope_positions`` (the training code) exactly: text advances
 (t, h, w) together; the image's tokens sit at ``(p, p + row, p + col)`` with ``p`` the position after
@@ -63,6 +65,9 @@ class Prompt:
     # For an MSE head (a fixed-variance Gaussian) that is the mean of the guided distribution.
     uncond: Prompt | None = None
     guidance: float = 1.0
+    # The visual tokens [N, d] of the image an image of the reply edits (``sequence.edit_sources``);
+    # read only by a model with ``source_skip``.
+    source_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,7 +126,20 @@ class Engine:
         have = 0 if visual_tokens is None else visual_tokens.shape[0]
         if pads != have:
             raise ValueError(f"prompt has {pads} <|image_pad|> tokens but {have} visual tokens were given")
-        return Prompt(ids, pos, visual_tokens, nxt, image_open=open_image, seed=seed)
+        return Prompt(ids, pos, visual_tokens, nxt, image_open=open_image, seed=seed,
+                      source_tokens=self._reply_source(encoded, visual_tokens))  # fmt: skip
+
+    def _reply_source(
+        self, encoded: EncodedConversation, visual_tokens: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The tokens of the image the reply would edit, when it has the generation grid."""
+        k = encoded.reply_source_image
+        if k is None or visual_tokens is None or encoded.image_grid_thw is None:
+            return None
+        if tuple(encoded.image_grid_thw[k].tolist()) != tuple(self.model.config.image_spec.gen_grid_thw):
+            return None
+        start = int(encoded.image_num_tokens[:k].sum())
+        return visual_tokens[start : start + int(encoded.image_num_tokens[k])]
 
     @staticmethod
     def guided(prompt: Prompt, uncond: Prompt, guidance: float) -> Prompt:
@@ -136,6 +154,14 @@ class Engine:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
+
+    def _source_input(self, prompt: Prompt, k: int) -> torch.Tensor | float:
+        """What ``source_skip`` adds to the input that regresses visual token ``k`` (0 when nothing)."""
+        skip = self.model.source_skip
+        if skip is None or prompt.source_tokens is None or k >= self.image_tokens:
+            return 0.0
+        w = skip.weight
+        return skip(prompt.source_tokens[k].to(device=w.device, dtype=w.dtype))
 
     def _forward(self, embeds, positions, mask, cache):
         out = self.lm(
@@ -206,6 +232,8 @@ class Engine:
             if p.visual_tokens is not None:
                 pad = (p.input_ids == self.image_pad_id).to(device).unsqueeze(-1)
                 e = e.masked_scatter(pad, p.visual_tokens.to(device=device, dtype=dtype))
+            if p.image_open:  # its last token, <|vision_start|>, regresses v_1
+                e[-1] = e[-1] + self._source_input(p, 0)
             embeds[i, s - lengths[i] :] = e
             positions[:, i, s - lengths[i] :] = p.position_ids.to(device)
             mask[i, s - lengths[i] :] = 1
@@ -248,12 +276,12 @@ class Engine:
                             v = v_u + prompts[i].guidance * (v - v_u)
                             base_j = image_base[j]
                             row, col = divmod(k, self.grid_cols)
-                            feed[j, 0] = v.to(dtype)
+                            feed[j, 0] = (v + self._source_input(prompts[j], k + 1)).to(dtype)
                             feed_pos[:, j, 0] = torch.tensor((base_j, base_j + row, base_j + col))
                             feed_mask[j, 0] = 1
                         image_done[i].append(v.float().cpu())
                         row, col = divmod(k, self.grid_cols)
-                        feed[i, 0] = v.to(dtype)
+                        feed[i, 0] = (v + self._source_input(prompts[i], k + 1)).to(dtype)
                         pos3 = (base, base + row, base + col)
                         tok = self.image_pad_id
                     else:  # the image is complete: close it
@@ -283,6 +311,7 @@ class Engine:
                     feed[i, 0] = self._embed(torch.tensor([tok]))[0]
                     if tok == self.vision_start_id:
                         image_base[i] = n + 1
+                        feed[i, 0] = feed[i, 0] + self._source_input(prompts[i], 0)
                 o.token_ids.append(tok)
                 o.position_ids.append(pos3)
                 feed_pos[:, i, 0] = torch.tensor(pos3)

@@ -5,6 +5,10 @@
   its outputs are both the teacher-forced inputs and the regression targets, so they must not move);
 - ``vision_head``: regresses the next visual token from the final hidden state (``heads.py``);
 - ``processor``: the Qwen2.5-VL processor (tokenizer, image processor, chat template);
+- ``source_skip`` (optional, ``OrionConfig.source_skip``): a linear map that adds an edit source's
+  token at grid cell j to the input of the position that regresses the edited image's token j, so
+  an edit sees the picture it changes cell by cell, as InstructPix2Pix concatenates the source
+  latent with the one it denoises, instead of having to find each cell by attention;
 - ``config``: an ``OrionConfig`` saved as ``orion_config.json`` next to the backbone.
 
 The forward computes, from one pass of the LLM over a teacher-forced batch, the unweighted terms:
@@ -52,6 +56,7 @@ from orion_mllm.sequence import IGNORE_INDEX, Batch, SequenceBuilder
 
 ORION_CONFIG_NAME = "orion_config.json"
 HEAD_WEIGHTS_NAME = "vision_head.safetensors"
+SOURCE_SKIP_WEIGHTS_NAME = "source_skip.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -66,6 +71,9 @@ class OrionConfig:
     # Default token-space classifier-free guidance of image generation (1: none); a model trained
     # with caption dropout records the weight chosen for it (recipe ``guidance``).
     guidance: float = 1.0
+    # An edit's source token at cell j is added (through a learned linear map) to the input that
+    # predicts the edited image's token j (OrionModel.source_skip); off: the paper's model.
+    source_skip: bool = False
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,11 +84,12 @@ class OrionConfig:
             "head": self.head.to_dict(),
             "image_spec": self.image_spec.to_dict(),
             "guidance": self.guidance,
+            "source_skip": self.source_skip,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = ORION_CONFIG_NAME) -> OrionConfig:
-        known = {"format_version", "preset", "base_model", "head", "image_spec", "guidance"}
+        known = {"format_version", "preset", "base_model", "head", "image_spec", "guidance", "source_skip"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
@@ -98,6 +107,7 @@ class OrionConfig:
             preset=data.get("preset"),
             base_model=data.get("base_model"),
             guidance=float(data.get("guidance", 1.0)),
+            source_skip=bool(data.get("source_skip", False)),
             format_version=version,
         )
 
@@ -131,11 +141,14 @@ def backbone_hidden_states(
     visual_tokens: torch.Tensor | None,
     *,
     all_layers: bool = False,
+    source_inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Final hidden states [B, S, d] (and every layer's, if asked) for a teacher-forced batch.
 
     Visual tokens are written at the ``<|image_pad|>`` positions, exactly as Qwen2.5-VL's own
     forward does with its vision features, so understanding goes through the same numbers.
+    ``source_inputs`` [K, d] (``OrionModel.source_inputs``) is added to the input embeddings at
+    ``batch.visual_positions``.
     """
     lm = backbone.model.language_model
     embeds = lm.embed_tokens(batch.input_ids)
@@ -146,6 +159,9 @@ def backbone_hidden_states(
                 f"batch has {int(mask.sum())} <|image_pad|> tokens but {visual_tokens.shape[0]} visual tokens"
             )
         embeds = embeds.masked_scatter(mask, visual_tokens.to(embeds.dtype))
+    if source_inputs is not None:
+        rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
+        embeds = embeds.index_put((rows, cols), source_inputs.to(embeds.dtype), accumulate=True)
     # A batch without padding needs no mask: the text row of position_ids already tells
     # transformers where each sample starts (it builds the causal / packed mask from it).
     # A packed batch never gets one: its mask only marks padding, which forms its own segment.
@@ -175,7 +191,21 @@ class OrionModel(nn.Module):
         self.vision_head = vision_head
         self.processor = processor
         self.config = config
+        self.source_skip: nn.Linear | None = None
+        if config.source_skip:
+            self.enable_source_skip()
         self.set_vision_tower_trainable(False)
+
+    def enable_source_skip(self) -> None:
+        """Add the edit-source skip (``OrionConfig.source_skip``), zero-initialised so the model computes
+        exactly what it did until training moves it. A model that has one keeps it."""
+        if self.source_skip is not None:
+            return
+        d = self.hidden_size
+        ref = self.backbone.lm_head.weight
+        self.source_skip = nn.Linear(d, d, bias=False, device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(self.source_skip.weight)
+        self.config.source_skip = True
 
     # ------------------------------------------------------------------ construction
 
@@ -250,7 +280,14 @@ class OrionModel(nn.Module):
         vision_head = build_vision_head(config.head)
         state = load_file(path / HEAD_WEIGHTS_NAME)
         vision_head.load_state_dict(state, strict=True)
-        return cls(backbone, vision_head.to(dtype), processor, config)
+        model = cls(backbone, vision_head.to(dtype), processor, config)
+        if model.source_skip is not None:
+            skip_file = path / SOURCE_SKIP_WEIGHTS_NAME
+            if not skip_file.is_file():
+                raise FileNotFoundError(f"{config_file} says source_skip but {skip_file} is missing")
+            model.source_skip.load_state_dict(load_file(skip_file), strict=True)
+            model.source_skip.to(dtype)
+        return model
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write backbone (HF format), processor, head weights and ``orion_config.json`` (safetensors only).
@@ -276,6 +313,9 @@ class OrionModel(nn.Module):
         save_processor(self.processor, tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in self.vision_head.state_dict().items()}
         save_file(state, tmp / HEAD_WEIGHTS_NAME)
+        if self.source_skip is not None:
+            skip = {k: v.detach().contiguous().cpu() for k, v in self.source_skip.state_dict().items()}
+            save_file(skip, tmp / SOURCE_SKIP_WEIGHTS_NAME)
         (tmp / ORION_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if path.exists():
             path.rename(old)
@@ -338,6 +378,19 @@ class OrionModel(nn.Module):
             return None
         return self.encode_images(batch.pixel_values, batch.image_grid_thw)
 
+    def source_inputs(self, batch: Batch, visual_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """What ``source_skip`` adds at each of ``batch.visual_positions`` [K, d] (zero where a position
+        has no edit source), or None: no skip, or no position with a source."""
+        index = batch.visual_source_index
+        if self.source_skip is None or index is None or visual_tokens is None:
+            return None
+        has = index >= 0
+        w = self.source_skip.weight
+        out = visual_tokens.new_zeros(index.shape[0], w.shape[0], dtype=w.dtype)
+        return out.index_put(
+            (has.nonzero().flatten(),), self.source_skip(visual_tokens[index[has]].to(w.dtype))
+        )
+
     def predict_visual_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vision head on final hidden states [..., d] (or all layers' [L+1, ..., d] for layer_mix)."""
         return self.vision_head(hidden)
@@ -345,7 +398,10 @@ class OrionModel(nn.Module):
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         """Full-vocabulary logits [B, S, V] (understanding / parity checks; not used in training)."""
-        hidden, _ = backbone_hidden_states(self.backbone, batch, self.batch_visual_tokens(batch))
+        visual = self.batch_visual_tokens(batch)
+        hidden, _ = backbone_hidden_states(
+            self.backbone, batch, visual, source_inputs=self.source_inputs(batch, visual)
+        )
         return self.backbone.lm_head(hidden)
 
     # ------------------------------------------------------------------ training forward
@@ -394,9 +450,11 @@ class OrionModel(nn.Module):
             p.requires_grad for p in self.backbone.lm_head.parameters()
         )
         with torch.set_grad_enabled(torch.is_grad_enabled() and llm_trainable):
+            # The source skip reads the clean tokens: a source is a user image, never noised.
             hidden, layers = backbone_hidden_states(
-                self.backbone, batch, visual_tokens, all_layers=head_needs_layers and weights.mse > 0
-            )
+                self.backbone, batch, visual_tokens, all_layers=head_needs_layers and weights.mse > 0,
+                source_inputs=self.source_inputs(batch, targets_clean),
+            )  # fmt: skip
 
         rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
         terms = LossTerms()

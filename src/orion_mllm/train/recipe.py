@@ -60,6 +60,10 @@ class ModelSection(_Strict):
     # Stage base from a preset only: pre-train the random tower + merger on a dense objective over
     # the recipe's ShapesWorld scenes first (the stand-in for Qwen2.5-VL's tower pre-training).
     tower_pretrain: TowerPretrainSection | None = None
+    # Editing: add each edit source's token at grid cell j to the input that regresses the edited
+    # image's token j, through a learned, zero-initialised linear map (OrionModel.source_skip). A
+    # model that has one keeps it; false with such a model is refused.
+    source_skip: bool = False
 
 
 class Trainable(_Strict):

@@ -173,6 +173,12 @@ def build_model(recipe: Recipe, init: str) -> OrionModel:
             init, head=m.head, mlp_ratio=m.mlp_ratio, seed=recipe.train.seed, **common
         )
     model.config.image_spec = recipe_image_spec(recipe, model.processor)
+    if m.source_skip:
+        model.enable_source_skip()
+    elif model.source_skip is not None:
+        raise SetupError(
+            f"model.source_skip=false but {init} has an edit-source skip; set model.source_skip=true"
+        )
     return model
 
 
@@ -252,6 +258,8 @@ def apply_trainable(model: OrionModel, recipe: Recipe) -> None:
     model.backbone.model.language_model.requires_grad_(t.llm)
     model.backbone.lm_head.requires_grad_(t.llm)
     model.vision_head.requires_grad_(t.head)
+    if model.source_skip is not None:  # it feeds the LLM's input, so it trains with the LLM
+        model.source_skip.requires_grad_(t.llm)
 
 
 def check_shapes_settings(root: Path, want: dict[str, Any]) -> None:
