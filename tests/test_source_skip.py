@@ -43,7 +43,8 @@ def skip_model() -> OrionModel:
     model.enable_source_skip()
     torch.manual_seed(1)
     with torch.no_grad():
-        model.source_skip.weight.normal_(0, 0.5)
+        model.source_skip.input.weight.normal_(0, 0.5)
+        model.source_skip.output_gate.normal_(0, 0.5)
     return model
 
 
@@ -105,48 +106,83 @@ def test_source_index_points_at_the_same_cell_of_the_source_and_survives_batchin
 
 
 def test_skip_adds_exactly_the_projected_source_token_at_the_regressing_positions(skip_model):
+    """Input: W x source_j at the position regressing token j; output: gate * source_j on top of the
+    head's prediction; the MSE of the training forward is that prediction's."""
     m = skip_model
     enc = attach_visual_tokens(encode_record(m.sequence_builder(), _edit_record(1)), m.encode_images)
     batch = collate([enc], 0)
     tokens = batch.visual_tokens
     with torch.no_grad():
-        got, _ = backbone_hidden_states(
-            m.backbone, batch, tokens, source_inputs=m.source_inputs(batch, tokens)
-        )
+        sources = m.batch_sources(batch, tokens)
+        got, _ = backbone_hidden_states(m.backbone, batch, tokens, source_inputs=m.source_inputs(sources))
         lm = m.backbone.model.language_model
         embeds = lm.embed_tokens(batch.input_ids).clone()
         embeds[batch.input_ids == m.backbone.config.image_token_id] = tokens
         n = int(enc.image_num_tokens[1])
         for j, pos in enumerate(enc.visual_positions.tolist()):  # <|vision_start|>, then v_1..v_{n-1}
-            embeds[0, pos] += tokens[j] @ m.source_skip.weight.T
+            embeds[0, pos] += tokens[j] @ m.source_skip.input.weight.T
         want = lm(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    assert len(enc.visual_positions) == n
+        rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
+        pred = m.vision_head(want[rows, cols]) + tokens[:n] * m.source_skip.output_gate
+        mse = m(batch, LossWeights(ce=0.0, mse=1.0, kl=0.0)).terms.mse
+    assert len(enc.visual_positions) == n and torch.equal(sources, tokens[:n])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.predict_visual_tokens(got[rows, cols], sources), pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mse, ((pred - tokens[n:]) ** 2).mean(), atol=1e-6, rtol=1e-5)
     # The user image itself and every other position are untouched: only the regressing positions moved.
     plain, _ = backbone_hidden_states(m.backbone, batch, tokens)
     first = int(enc.visual_positions[0])
     torch.testing.assert_close(got[0, :first], plain[0, :first])
 
 
-def test_zero_initialised_skip_changes_nothing_and_trains_with_the_llm(micro_model):
+def test_a_new_skip_turns_edits_into_source_plus_change_and_leaves_the_rest_alone(micro_model):
+    """At init the input map is zero and the gate one: an edit's prediction is the old prediction plus
+    the source token at that cell; a text-to-image batch computes exactly what it did. Both parts train."""
     model = copy.deepcopy(micro_model)
-    enc = attach_visual_tokens(encode_record(model.sequence_builder(), _edit_record(2)), model.encode_images)
-    batch = collate([enc], 0)
+    builder = model.sequence_builder()
+    edit = collate([attach_visual_tokens(encode_record(builder, _edit_record(2)), model.encode_images)], 0)
+    gen_record = {"conversations": [{"from": "human", "value": "Draw."}, {"from": "gpt", "value": "<image>"}]}
+    gen = collate(
+        [
+            attach_visual_tokens(
+                encode_record(builder, {**gen_record, "image": _image(4)}), model.encode_images
+            )
+        ],
+        0,
+    )
     w = LossWeights(ce=1.0, mse=1.0, kl=0.0)
-    before = model(batch, w).terms
+
+    def predictions(batch):
+        sources = model.batch_sources(batch, batch.visual_tokens)
+        hidden, _ = backbone_hidden_states(
+            model.backbone, batch, batch.visual_tokens, source_inputs=model.source_inputs(sources)
+        )
+        rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
+        return model.predict_visual_tokens(hidden[rows, cols], sources)
+
+    with torch.no_grad():
+        before_gen, before_edit, before_terms = model(gen, w).terms, predictions(edit), model(edit, w).terms
     model.enable_source_skip()
-    assert model.config.source_skip and not model.source_skip.weight.any()
-    after = model(batch, w).terms
-    assert torch.equal(before.mse, after.mse) and torch.equal(before.ce, after.ce)
+    skip = model.source_skip
+    assert model.config.source_skip and not skip.input.weight.any() and bool((skip.output_gate == 1).all())
+    n = before_edit.shape[0]
+    with torch.no_grad():
+        after_gen = model(gen, w).terms
+        torch.testing.assert_close(predictions(edit), before_edit + edit.visual_tokens[:n])
+    assert torch.equal(before_gen.mse, after_gen.mse) and torch.equal(before_gen.ce, after_gen.ce)
+    after = model(edit, w).terms
+    assert torch.equal(before_terms.ce, after.ce) and not torch.equal(before_terms.mse, after.mse)
     after.mse.backward()
-    assert model.source_skip.weight.grad is not None and model.source_skip.weight.grad.abs().sum() > 0
+    for p in (skip.input.weight, skip.output_gate):
+        assert p.grad is not None and p.grad.abs().sum() > 0
 
 
 def test_save_and_load_keep_the_skip(skip_model, tmp_path):
     path = skip_model.save_pretrained(tmp_path / "m")
     loaded = OrionModel.from_pretrained(path)
     assert loaded.config.source_skip
-    assert torch.equal(loaded.source_skip.weight, skip_model.source_skip.weight)
+    for k, v in skip_model.source_skip.state_dict().items():
+        assert torch.equal(loaded.source_skip.state_dict()[k], v)
     (path / SOURCE_SKIP_WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="source_skip"):
         OrionModel.from_pretrained(path)
@@ -179,11 +215,12 @@ def test_free_running_edit_feeds_the_skip_where_teacher_forcing_does(skip_model)
     enc.visual_tokens = torch.cat([source, edited.to(source.dtype)])
     batch = collate([enc], 0)
     with torch.no_grad():
+        sources = m.batch_sources(batch, batch.visual_tokens)
         hidden, _ = backbone_hidden_states(
-            m.backbone, batch, batch.visual_tokens, source_inputs=m.source_inputs(batch, batch.visual_tokens)
+            m.backbone, batch, batch.visual_tokens, source_inputs=m.source_inputs(sources)
         )
         rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
-        regressed = m.predict_visual_tokens(hidden[rows, cols])
+        regressed = m.predict_visual_tokens(hidden[rows, cols], sources)
     torch.testing.assert_close(regressed, edited, atol=1e-5, rtol=1e-5)
     # The cache-free engine agrees, and without the skip's input the edit comes out different.
     (ref,) = Engine(m, kv_cache=False).generate([prompt], cfg)
@@ -203,9 +240,9 @@ def test_recipe_adds_the_skip_and_refuses_to_drop_a_trained_one(skip_model, tmp_
     OrionModel.from_preset("micro", seed=5).save_pretrained(plain)
     recipe = load_recipe(RECIPES / "stage3_sft.yaml", ["model.source_skip=true"])
     model = build_model(recipe, str(plain))
-    assert model.source_skip is not None and not model.source_skip.weight.any()
+    assert model.source_skip is not None and not model.source_skip.input.weight.any()
     apply_trainable(model, recipe)
-    assert model.source_skip.weight.requires_grad
+    assert all(p.requires_grad for p in model.source_skip.parameters())
     trained = skip_model.save_pretrained(tmp_path / "trained")
     with pytest.raises(SetupError, match="source_skip"):
         build_model(load_recipe(RECIPES / "stage3_sft.yaml"), str(trained))

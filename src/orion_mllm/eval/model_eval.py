@@ -173,11 +173,12 @@ def teacher_forced_tokens(
     builder = m.sequence_builder()
     enc = [attach_visual_tokens(encode_record(builder, r), m.encode_images) for r in records]
     batch = collate(enc, m.processor.tokenizer.pad_token_id)
+    sources = m.batch_sources(batch, batch.visual_tokens)
     hidden, _ = backbone_hidden_states(
-        m.backbone, batch, batch.visual_tokens, source_inputs=m.source_inputs(batch, batch.visual_tokens)
+        m.backbone, batch, batch.visual_tokens, source_inputs=m.source_inputs(sources)
     )
     rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
-    return m.predict_visual_tokens(hidden[rows, cols]).float(), enc
+    return m.predict_visual_tokens(hidden[rows, cols], sources).float(), enc
 
 
 def render_tokens(

@@ -7,7 +7,8 @@ mode for the generation grid's N tokens: the vision head regresses ``v_1`` from 
 puts the ground-truth token: the first ``<|image_pad|>``), and so on until ``v_N`` is fed; then
 ``<|vision_end|>`` is fed and text resumes. A model with ``source_skip`` and a prompt that edits an
 image (``Prompt.source_tokens``) also gets the source's token j added to the input that regresses
-``v_j`` (the ``<|vision_start|>`` for j = 1, the fed ``v_{j-1}`` after), as training adds it.
+``v_j`` (the ``<|vision_start|>`` for j = 1, the fed ``v_{j-1}`` after) and, gated, to ``v_j``'s
+regression, as training adds them (``model/source_skip.py``).
 
 Positions follow ``sequence.mrope_positions`` (the training code) exactly: text advances
 (t, h, w) together; the image's tokens sit at ``(p, p + row, p + col)`` with ``p`` the position after
@@ -155,13 +156,17 @@ class Engine:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
 
-    def _source_input(self, prompt: Prompt, k: int) -> torch.Tensor | float:
-        """What ``source_skip`` adds to the input that regresses visual token ``k`` (0 when nothing)."""
+    def _source(self, prompt: Prompt, k: int) -> torch.Tensor | None:
+        """The edit-source token at cell ``k`` for a model with ``source_skip`` (None when nothing)."""
         skip = self.model.source_skip
         if skip is None or prompt.source_tokens is None or k >= self.image_tokens:
-            return 0.0
-        w = skip.weight
-        return skip(prompt.source_tokens[k].to(device=w.device, dtype=w.dtype))
+            return None
+        return prompt.source_tokens[k].to(skip.output_gate.device)
+
+    def _source_input(self, prompt: Prompt, k: int) -> torch.Tensor | float:
+        """What ``source_skip`` adds to the input that regresses visual token ``k`` (0 when nothing)."""
+        source = self._source(prompt, k)
+        return 0.0 if source is None else self.model.source_skip.inputs(source)
 
     def _forward(self, embeds, positions, mask, cache):
         out = self.lm(
@@ -269,10 +274,10 @@ class Engine:
                 if image_base[i] is not None:
                     base, k = image_base[i], len(image_done[i])
                     if k < self.image_tokens:  # regress the next visual token and feed it back
-                        v = self._regress(last, layers, i)
+                        v = self._regress(last, layers, i, self._source(prompts[i], k))
                         j = partner.get(i)
                         if j is not None:
-                            v_u = self._regress(last, layers, j)
+                            v_u = self._regress(last, layers, j, self._source(prompts[j], k))
                             v = v_u + prompts[i].guidance * (v - v_u)
                             base_j = image_base[j]
                             row, col = divmod(k, self.grid_cols)
@@ -335,7 +340,10 @@ class Engine:
                 last, layers = self._forward(history[0], history[1], history[2] if padded else None, None)
         return outs[:asked]
 
-    def _regress(self, last: torch.Tensor, layers: torch.Tensor | None, row: int) -> torch.Tensor:
-        """The vision head's next visual token for one row."""
+    def _regress(
+        self, last: torch.Tensor, layers: torch.Tensor | None, row: int, source: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The vision head's next visual token for one row (with its edit-source token, if any)."""
         head_in = layers[:, row] if layers is not None else last[row]
-        return self.model.predict_visual_tokens(head_in.unsqueeze(-2)).squeeze(-2)
+        sources = None if source is None else source.unsqueeze(0)
+        return self.model.predict_visual_tokens(head_in.unsqueeze(-2), sources).squeeze(-2)

@@ -5,10 +5,9 @@
   its outputs are both the teacher-forced inputs and the regression targets, so they must not move);
 - ``vision_head``: regresses the next visual token from the final hidden state (``heads.py``);
 - ``processor``: the Qwen2.5-VL processor (tokenizer, image processor, chat template);
-- ``source_skip`` (optional, ``OrionConfig.source_skip``): a linear map that adds an edit source's
-  token at grid cell j to the input of the position that regresses the edited image's token j, so
-  an edit sees the picture it changes cell by cell, as InstructPix2Pix concatenates the source
-  latent with the one it denoises, instead of having to find each cell by attention;
+- ``source_skip`` (optional, ``OrionConfig.source_skip``; ``model/source_skip.py``): an edit's
+  source token at grid cell j added to the input that regresses the edited image's token j and,
+  gated, to its prediction, so an edit sees the picture it changes cell by cell;
 - ``config``: an ``OrionConfig`` saved as ``orion_config.json`` next to the backbone.
 
 The forward computes, from one pass of the LLM over a teacher-forced batch, the unweighted terms:
@@ -52,6 +51,7 @@ from orion_mllm.model.backbone import (
     save_processor,
 )
 from orion_mllm.model.heads import HeadConfig, VisionHead, build_vision_head
+from orion_mllm.model.source_skip import SourceSkip
 from orion_mllm.sequence import IGNORE_INDEX, Batch, SequenceBuilder
 
 ORION_CONFIG_NAME = "orion_config.json"
@@ -72,7 +72,8 @@ class OrionConfig:
     # with caption dropout records the weight chosen for it (recipe ``guidance``).
     guidance: float = 1.0
     # An edit's source token at cell j is added (through a learned linear map) to the input that
-    # predicts the edited image's token j (OrionModel.source_skip); off: the paper's model.
+    # regresses the edited image's token j, and (gated) to its prediction (model/source_skip.py);
+    # off: the paper's model.
     source_skip: bool = False
     format_version: int = FORMAT_VERSION
 
@@ -147,7 +148,7 @@ def backbone_hidden_states(
 
     Visual tokens are written at the ``<|image_pad|>`` positions, exactly as Qwen2.5-VL's own
     forward does with its vision features, so understanding goes through the same numbers.
-    ``source_inputs`` [K, d] (``OrionModel.source_inputs``) is added to the input embeddings at
+    ``source_inputs`` [K, d] (``SourceSkip.inputs``) is added to the input embeddings at
     ``batch.visual_positions``.
     """
     lm = backbone.model.language_model
@@ -191,20 +192,18 @@ class OrionModel(nn.Module):
         self.vision_head = vision_head
         self.processor = processor
         self.config = config
-        self.source_skip: nn.Linear | None = None
+        self.source_skip: SourceSkip | None = None
         if config.source_skip:
             self.enable_source_skip()
         self.set_vision_tower_trainable(False)
 
     def enable_source_skip(self) -> None:
-        """Add the edit-source skip (``OrionConfig.source_skip``), zero-initialised so the model computes
-        exactly what it did until training moves it. A model that has one keeps it."""
+        """Add the edit-source skip (``OrionConfig.source_skip``; ``model/source_skip.py``): input map at
+        zero, output gate at one. A model that has one keeps it."""
         if self.source_skip is not None:
             return
-        d = self.hidden_size
         ref = self.backbone.lm_head.weight
-        self.source_skip = nn.Linear(d, d, bias=False, device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(self.source_skip.weight)
+        self.source_skip = SourceSkip(self.hidden_size, device=ref.device, dtype=ref.dtype)
         self.config.source_skip = True
 
     # ------------------------------------------------------------------ construction
@@ -378,29 +377,35 @@ class OrionModel(nn.Module):
             return None
         return self.encode_images(batch.pixel_values, batch.image_grid_thw)
 
-    def source_inputs(self, batch: Batch, visual_tokens: torch.Tensor | None) -> torch.Tensor | None:
-        """What ``source_skip`` adds at each of ``batch.visual_positions`` [K, d] (zero where a position
-        has no edit source), or None: no skip, or no position with a source."""
+    def batch_sources(self, batch: Batch, visual_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Each of ``batch.visual_positions``' edit-source token [K, d] (zero where a position has no
+        source), or None: no skip, or no position with a source."""
         index = batch.visual_source_index
         if self.source_skip is None or index is None or visual_tokens is None:
             return None
-        has = index >= 0
-        w = self.source_skip.weight
-        out = visual_tokens.new_zeros(index.shape[0], w.shape[0], dtype=w.dtype)
-        return out.index_put(
-            (has.nonzero().flatten(),), self.source_skip(visual_tokens[index[has]].to(w.dtype))
-        )
+        return visual_tokens[index.clamp_min(0)] * (index >= 0).unsqueeze(-1).to(visual_tokens.dtype)
 
-    def predict_visual_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vision head on final hidden states [..., d] (or all layers' [L+1, ..., d] for layer_mix)."""
-        return self.vision_head(hidden)
+    def source_inputs(self, sources: torch.Tensor | None) -> torch.Tensor | None:
+        """``SourceSkip.inputs`` of ``batch_sources`` (None passes through)."""
+        return None if sources is None or self.source_skip is None else self.source_skip.inputs(sources)
+
+    def predict_visual_tokens(
+        self, hidden: torch.Tensor, sources: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vision head on final hidden states [..., d] (or all layers' [L+1, ..., d] for layer_mix), plus
+        the source skip's gated edit-source tokens ``sources`` [..., d] when given."""
+        out = self.vision_head(hidden)
+        if sources is not None and self.source_skip is not None:
+            out = out + self.source_skip.outputs(sources).to(out.dtype)
+        return out
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         """Full-vocabulary logits [B, S, V] (understanding / parity checks; not used in training)."""
         visual = self.batch_visual_tokens(batch)
+        sources = self.batch_sources(batch, visual)
         hidden, _ = backbone_hidden_states(
-            self.backbone, batch, visual, source_inputs=self.source_inputs(batch, visual)
+            self.backbone, batch, visual, source_inputs=self.source_inputs(sources)
         )
         return self.backbone.lm_head(hidden)
 
@@ -438,6 +443,8 @@ class OrionModel(nn.Module):
             _check_teacher(teacher)
         visual_tokens = self.batch_visual_tokens(batch)
         targets_clean = visual_tokens
+        # The source skip reads the clean tokens: a source is a user image, never noised.
+        sources = self.batch_sources(batch, targets_clean)
         if visual_input_noise > 0 and visual_tokens is not None and batch.visual_target_index.numel():
             merge = self.config.image_spec.merge_size
             visual_tokens = visual_tokens + input_noise(
@@ -450,10 +457,9 @@ class OrionModel(nn.Module):
             p.requires_grad for p in self.backbone.lm_head.parameters()
         )
         with torch.set_grad_enabled(torch.is_grad_enabled() and llm_trainable):
-            # The source skip reads the clean tokens: a source is a user image, never noised.
             hidden, layers = backbone_hidden_states(
                 self.backbone, batch, visual_tokens, all_layers=head_needs_layers and weights.mse > 0,
-                source_inputs=self.source_inputs(batch, targets_clean),
+                source_inputs=self.source_inputs(sources),
             )  # fmt: skip
 
         rows, cols = batch.visual_positions[:, 0], batch.visual_positions[:, 1]
@@ -466,7 +472,7 @@ class OrionModel(nn.Module):
                 if targets_clean is not None
                 else hidden.new_zeros(0, self.hidden_size)  # text-only batch: an empty, zero MSE
             )
-            terms.mse = mse_loss(self.vision_head(head_input), targets.to(hidden.dtype))
+            terms.mse = mse_loss(self.predict_visual_tokens(head_input, sources), targets.to(hidden.dtype))
         # labels are unshifted: the hidden at t predicts labels[t + 1].
         shifted = batch.labels[:, 1:]
         valid = shifted != IGNORE_INDEX
