@@ -294,8 +294,9 @@ def test_bad_inputs_give_one_line_errors(model_dir, tmp_path, capsys, argv, mess
 
 
 def test_reply_from_ignores_a_vision_end_sampled_as_text(micro):
-    """A weak model may *sample* <|vision_end|> as text (understanding masks only <|vision_start|>):
-    that is a stray special token, not the end of an image (it crashed the evaluation once)."""
+    """A weak model may put mass on <|vision_end|> as text (the engine now never samples it, below; a
+    reply built from other tokens may still hold one): a stray special token, not the end of an image
+    (it crashed the evaluation once)."""
     from orion_mllm.inference.engine import Generated
     from orion_mllm.inference.pipeline import OrionPipeline
 
@@ -341,3 +342,24 @@ def test_teacher_forced_tokens_start_where_free_running_starts(micro):
     for k, out in enumerate(free):
         torch.testing.assert_close(pred[k * n], out.images[0][0].float(), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(pred[0], pred[n])  # the two requests differ
+
+
+def test_text_sampling_never_writes_the_tokens_the_engine_writes(micro):
+    """<|vision_end|> and <|image_pad|> are written by the engine around and inside an image; sampled as
+    text they would end a reply before it starts (a long-trained tiny model's habit after its own
+    drawing). Even when the model ranks them first, text decoding picks another token."""
+    pipe = OrionPipeline(micro)
+    eng = Engine(micro)
+    real_head = eng.lm_head
+
+    def favouring_structure(hidden):
+        logits = real_head(hidden).clone()
+        logits[..., eng.vision_end_id] = 1e4
+        logits[..., eng.image_pad_id] = 1e4 - 1
+        return logits
+
+    eng.lm_head = favouring_structure
+    prompt = pipe.prompt(_session("Hi"))
+    for cfg in (SamplingConfig(max_new_tokens=4), SamplingConfig(max_new_tokens=4, temperature=1.0)):
+        out = eng.generate([prompt], cfg)[0]
+        assert out.token_ids and not {eng.vision_end_id, eng.image_pad_id} & set(out.token_ids)

@@ -181,6 +181,11 @@ class Engine:
 
     def _choose(self, logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> int:
         logits = logits.float().cpu()
+        # <|vision_end|> and <|image_pad|> are the engine's to write (an image's N tokens, then its
+        # end): as text they are never valid. A tiny model trained long on generation records puts
+        # most of its mass on <|vision_end|> at the start of an answer after its own drawing
+        # (benchmarks/SMALL_SCALE.md, session 9), which would end the reply before it starts.
+        logits[[self.vision_end_id, self.image_pad_id]] = float("-inf")
         if not cfg.allow_images:
             logits[self.vision_start_id] = float("-inf")
         if cfg.temperature == 0:
