@@ -19,24 +19,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from orion_mllm.eval.model_eval import read_jsonl, render_tokens
+from orion_mllm.eval.model_eval import picture_tokens, read_jsonl, render_tokens
 from orion_mllm.eval.shapes_und_edit import _accuracy_by_group, edit_correct
 from orion_mllm.inference.pipeline import OrionPipeline
-
-
-def _tokens(pipe: OrionPipeline, pictures: list[Image.Image], batch_size: int) -> list[torch.Tensor]:
-    m = pipe.model
-    out = []
-    for start in range(0, len(pictures), batch_size):
-        chunk = pictures[start : start + batch_size]
-        inputs = m.processor.image_processor(images=chunk, return_tensors="pt")
-        with torch.no_grad():
-            flat = m.encode_images(inputs["pixel_values"], inputs["image_grid_thw"]).float()
-        out.extend(flat.view(len(chunk), -1, flat.shape[-1]))
-    return out
 
 
 def _score(records: list[dict], images: list[Image.Image]) -> dict[str, float]:
@@ -61,8 +48,9 @@ def main() -> None:
     records = read_jsonl(root / "edit.jsonl")[: args.n]
     sources = [Image.open(root / r["images"][0]).convert("RGB") for r in records]
     targets = [Image.open(root / r["images"][1]).convert("RGB") for r in records]
-    ceiling = render_tokens(pipe, _tokens(pipe, targets, args.batch_size), batch_size=args.batch_size)
-    copied = render_tokens(pipe, _tokens(pipe, sources, args.batch_size), batch_size=args.batch_size)
+    bs = args.batch_size
+    ceiling = render_tokens(pipe, picture_tokens(pipe, targets, batch_size=bs), batch_size=bs)
+    copied = render_tokens(pipe, picture_tokens(pipe, sources, batch_size=bs), batch_size=bs)
     print(
         json.dumps(
             {

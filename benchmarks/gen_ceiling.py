@@ -19,12 +19,10 @@ import argparse
 import json
 import time
 
-import torch
-
 from orion_mllm.data.shapes.datasets import canonical_scene
 from orion_mllm.data.shapes.render import render_scene
 from orion_mllm.data.shapes.scorer import score_images
-from orion_mllm.eval.model_eval import render_tokens
+from orion_mllm.eval.model_eval import picture_tokens, render_tokens
 from orion_mllm.eval.shapes_gen import prompt_set
 from orion_mllm.inference.pipeline import OrionPipeline
 
@@ -47,14 +45,7 @@ def main() -> None:
         except ValueError:
             scenes.append(p.scene)
     pictures = [render_scene(s, args.size) for s in scenes]
-    m = pipe.model
-    tokens = []
-    for start in range(0, len(pictures), args.batch_size):
-        chunk = pictures[start : start + args.batch_size]
-        inputs = m.processor.image_processor(images=chunk, return_tensors="pt")
-        with torch.no_grad():
-            flat = m.encode_images(inputs["pixel_values"], inputs["image_grid_thw"]).float()
-        tokens.extend(flat.view(len(chunk), -1, flat.shape[-1]))
+    tokens = picture_tokens(pipe, pictures, batch_size=args.batch_size)
     rendered = render_tokens(pipe, tokens, batch_size=args.batch_size)
     ceiling = score_images([(p.spec, im) for p, im in zip(prompts, rendered, strict=True)])
     clean = score_images([(p.spec, im) for p, im in zip(prompts, pictures, strict=True)])

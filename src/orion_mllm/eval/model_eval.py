@@ -181,6 +181,22 @@ def teacher_forced_tokens(
     return m.predict_visual_tokens(hidden[rows, cols], sources).float(), enc
 
 
+@torch.no_grad()
+def picture_tokens(
+    pipe: OrionPipeline, pictures: Sequence[Image.Image], *, batch_size: int = 32
+) -> list[torch.Tensor]:
+    """The frozen tower's tokens of each picture ([n, d] each), batched: what the decoder renders back
+    (the decoder's ceilings: ``benchmarks/gen_ceiling.py``, ``benchmarks/edit_ceiling.py``)."""
+    m = pipe.model
+    out: list[torch.Tensor] = []
+    for start in range(0, len(pictures), batch_size):
+        chunk = list(pictures[start : start + batch_size])
+        inputs = m.processor.image_processor(images=chunk, return_tensors="pt")
+        flat = m.encode_images(inputs["pixel_values"], inputs["image_grid_thw"]).float()
+        out.extend(flat.view(len(chunk), -1, flat.shape[-1]))
+    return out
+
+
 def render_tokens(
     pipe: OrionPipeline, tokens: Sequence[torch.Tensor], *, batch_size: int = 32, seed: int = 0
 ) -> list[Image.Image]:
@@ -359,6 +375,7 @@ __all__ = [
     "eval_set",
     "eval_understanding",
     "generate_images",
+    "picture_tokens",
     "read_jsonl",
     "regress_tokens",
     "render_tokens",
