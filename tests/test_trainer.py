@@ -162,10 +162,11 @@ def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, capsys, monk
     old = checkpoint_format(fixture / "warmup/checkpoints/step_00000002")
     # The recipe a checkpoint carries has gained exactly the keys added to the recipe since 9d20f6c
     # (issue 16: token-space guidance and its training options, the stage-0 merger switch and tower
-    # pre-training, the CE's answer weighting); the rest of the format is unchanged.
+    # pre-training, the CE's answer weighting, the edit-source skip); the rest of the format is unchanged.
     old["trainer_state"]["recipe"]["guidance"] = "float"
     old["trainer_state"]["recipe"]["trainable"]["merger"] = "bool"
     old["trainer_state"]["recipe"]["model"]["tower_pretrain"] = "NoneType"
+    old["trainer_state"]["recipe"]["model"]["source_skip"] = "bool"
     old["trainer_state"]["recipe"]["train"].update(
         visual_input_noise_schedule="str", mse_normalize="bool", prompt_dropout="float", ce_weighting="str"
     )

@@ -260,14 +260,14 @@ def test_report_grid_ends_with_two_held_out_captions():
 
 
 def test_max_steps_caps_a_stage_and_never_lengthens_it():
-    """``--max-steps`` (quickstart, ablation) is a cap: a 200-step stage stays at 200 under 700."""
+    """``--max-steps`` (quickstart, ablation) is a cap: a 500-step stage stays at 500 under 700."""
     from orion_mllm.train.recipe import load_recipe
     from orion_mllm.workflow.quickstart import recipe_path
     from orion_mllm.workflow.train_stage import step_cap
 
     stage3 = load_recipe(recipe_path("tiny", "stage3_sft"))
-    assert stage3.train.max_steps == 200
-    assert step_cap(stage3, 700) == ["train.max_steps=200"]
+    assert stage3.train.max_steps == 500
+    assert step_cap(stage3, 700) == ["train.max_steps=500"]
     assert step_cap(stage3, 50) == ["train.max_steps=50"]
     assert step_cap(stage3, None) == []
     unbounded = load_recipe(recipe_path("tiny", "stage3_sft"), ["train.max_steps=null"])
