@@ -27,5 +27,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install $spec
 fi
 echo "[install] installing orion-mllm (editable) with dev tools"
-"${PIP[@]}" install -e ".[dev]"
+"${PIP[@]}" install -e ".[dev,eval-core]"
+# lmms-eval for `orion eval lmms` and its tests, without its model zoo's dependencies (torchvision
+# would replace the CPU torch with a CUDA build here): its core needs only the eval-core extra above.
+# Users install it whole with `pip install 'orion-mllm[eval]'`.
+if ! "$VENV/bin/python" -c "import lmms_eval" 2>/dev/null; then
+  echo "[install] installing lmms-eval (core only)"
+  "${PIP[@]}" install --no-deps "lmms-eval==0.7.3"
+fi
 "$VENV/bin/python" -c "import torch, transformers, orion_mllm; print(f'[install] torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"

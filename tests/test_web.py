@@ -3,7 +3,8 @@
 Chromium comes from the system (``apt-get install chromium``, done by ``make browser``, which ``make
 test`` runs); Playwright only drives it (``executable_path``), it downloads nothing. Without a
 Chromium the test is skipped, except under CI (``CI`` set), where that is a failure. The screenshot is
-kept in ``$ORION_TEST_ARTIFACTS`` (default ``test-artifacts/``).
+kept in ``$ORION_TEST_ARTIFACTS`` (default ``test-artifacts/``). The login that guards the web chat
+when the server has an API key is tested in-process (FastAPI's ``TestClient``), without a browser.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-from orion_mllm.serve.app import create_app
+from orion_mllm.serve.app import WEB_LOGIN_MESSAGE, create_app
 from orion_mllm.serve.background import BackgroundServer
 from orion_mllm.serve.openai_api import ServeConfig
 from serve_utils import micro_pipeline
@@ -81,3 +83,33 @@ def test_web_chat_generates_an_image_answers_about_it_and_edits_it(web_server):
             page.screenshot(path=str(ARTIFACTS / "web_chat.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_with_an_api_key_the_web_chat_asks_for_it_as_the_login_password(tmp_path):
+    key = "web-key-4411"
+    app = create_app(micro_pipeline(), ServeConfig(model_name="m", api_key=key), web_dir=tmp_path)
+    with TestClient(app) as c:
+        # Gradio's own check guards the chat's config and its event queue (where turns reach the model).
+        r = c.get("/config")
+        assert r.status_code == 401 and r.json()["detail"]["auth_message"] == WEB_LOGIN_MESSAGE
+        r = c.post("/gradio_api/queue/join", json={})
+        assert r.status_code == 401 and r.json()["detail"]["error"] == "Not authenticated"
+        assert c.post("/login", data={"username": "anyone", "password": "wrong"}).status_code == 400
+        assert c.post("/login", data={"username": "anyone", "password": key[:-1]}).status_code == 400
+        assert c.get("/config").status_code == 401
+        r = c.post("/login", data={"username": "anyone", "password": key})
+        assert r.status_code == 200 and r.json() == {"success": True}
+        assert c.get("/config").status_code == 200
+        assert c.post("/gradio_api/queue/join", json={}).status_code == 422  # let in (an empty event)
+        # The login cookie is not the key: the API still wants the Bearer header; /health stays open.
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/no-such-route").status_code == 401  # not Gradio's 404 (the chat is at /)
+        assert c.get("/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+def test_without_an_api_key_the_web_chat_needs_no_login(tmp_path):
+    app = create_app(micro_pipeline(), ServeConfig(model_name="m"), web_dir=tmp_path)
+    with TestClient(app) as c:
+        assert c.get("/config").status_code == 200
+        assert c.get("/v1/models").status_code == 200

@@ -198,6 +198,20 @@ def test_eval_commands_score_a_model_and_batching_does_not_change_answers(quicks
     assert main(["eval", "shapes-gen", "--model", str(model), "--out", str(tmp_path / "gen")]) == 0
     gen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert gen["samples"] == 552 and set(CATEGORIES) <= set(gen)
+    # The same prompt set as a GenEval metadata file through `orion eval geneval` (GenEval's layout),
+    # scored by `shapes-score`: the same images, hence the same scores as shapes-gen.
+    meta = tmp_path / "shapes_metadata.jsonl"
+    assert main(["eval", "shapes-gen", "--write-metadata", str(meta)]) == 0
+    assert main(["eval", "geneval", "--model", str(model), "--metadata", str(meta), "--out",
+                 str(tmp_path / "geneval"), "--n-samples", "1", "--batch-size", "32"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", "shapes-score", "--images", str(tmp_path / "geneval")]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored == {k: gen[k] for k in scored} and scored["samples"] == 552
+    for i in (0, 100, 551):
+        ours, theirs = (tmp_path / d / f"{i:05d}" for d in ("gen", "geneval"))
+        assert (ours / "samples" / "0000.png").read_bytes() == (theirs / "samples" / "0000.png").read_bytes()
+        assert (ours / "metadata.jsonl").read_text() == (theirs / "metadata.jsonl").read_text()
     # A plain-Qwen stage-0 base needs its image size; a folder that is not the eval set is refused.
     base = quickstart / "stage0_base" / "final"
     assert (
@@ -272,3 +286,4 @@ def test_max_steps_caps_a_stage_and_never_lengthens_it():
     assert step_cap(stage3, None) == []
     unbounded = load_recipe(recipe_path("tiny", "stage3_sft"), ["train.max_steps=null"])
     assert step_cap(unbounded, 700) == ["train.max_steps=700"]
+

@@ -12,6 +12,8 @@ teaches the unconditional velocity used by classifier-free guidance.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
@@ -95,10 +97,15 @@ def sample(
     steps: int | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     shift: float | None = None,
     return_latents: bool = False,
 ) -> torch.Tensor:
     """Render images [B, 3, H, W] in [0, 1] from visual tokens [B, N, d]; deterministic per seed.
+
+    ``seeds`` (one per row) draws each image's starting noise from its own generator, so an image
+    depends on its own seed only, not on which batch or batch position it was rendered in (what a
+    resumable export needs); without it the whole batch's noise comes from ``seed``.
 
     ``steps`` / ``cfg_scale`` / ``shift`` left as None take the values saved with the decoder
     (``config.extra``: ``sample_steps``, ``cfg_scale``, ``time_shift``), else 20 / 1 / 1."""
@@ -113,8 +120,14 @@ def sample(
     b = tokens.shape[0]
     device = tokens.device
     dtype = next(decoder.transformer.parameters()).dtype
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c.grid * c.grid, c.in_channels, generator=gen).to(device=device, dtype=dtype)
+    shape = (c.grid * c.grid, c.in_channels)
+    if seeds is None:
+        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(seed))
+    else:
+        if len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for {b} token sets: give one seed per image")
+        x = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    x = x.to(device=device, dtype=dtype)
     cond, ids = decoder.condition(tokens.to(dtype), None if edit_tokens is None else edit_tokens.to(dtype))
     spatial = decoder.spatial_condition(tokens.to(dtype), b)
     use_cfg = cfg_scale != 1.0

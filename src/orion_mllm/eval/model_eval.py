@@ -200,12 +200,13 @@ def picture_tokens(
 def render_tokens(
     pipe: OrionPipeline, tokens: Sequence[torch.Tensor], *, batch_size: int = 32, seed: int = 0
 ) -> list[Image.Image]:
-    """Decoder renderings, batched; the noise of each batch is drawn from ``seed + its first index``,
-    so the same ``batch_size`` gives the same images (the tokens themselves never depend on it)."""
+    """Decoder renderings, batched; image ``i``'s noise is drawn from ``seed + i`` alone, so the images
+    do not depend on ``batch_size`` (and ``orion eval geneval`` renders the same ones)."""
     images: list[Image.Image] = []
     for start in range(0, len(tokens), batch_size):
+        chunk = list(tokens[start : start + batch_size])
         with torch.no_grad():
-            images.extend(pipe.render(list(tokens[start : start + batch_size]), seed=seed + start))
+            images.extend(pipe.render(chunk, seeds=[seed + start + i for i in range(len(chunk))]))
     return images
 
 

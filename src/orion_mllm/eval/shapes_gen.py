@@ -80,6 +80,16 @@ def prompt_set(seed: int = 0, per_category: int = PROMPTS_PER_CATEGORY) -> list[
     return prompts
 
 
+def write_metadata(path: str | Path, *, seed: int = 0) -> int:
+    """The prompt set as a GenEval metadata file (one JSON line per prompt, in index order), for
+    ``orion eval geneval --metadata``; each line is the ``metadata.jsonl`` shapes-gen writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prompts = prompt_set(seed)
+    path.write_text("".join(json.dumps(p.metadata(), sort_keys=True) + "\n" for p in prompts))
+    return len(prompts)
+
+
 def spec_from_metadata(meta: dict[str, Any], where: str = "metadata") -> Spec:
     """Our ``spec`` when present, else GenEval's ``tag`` + ``include`` converted."""
     if not isinstance(meta, dict):

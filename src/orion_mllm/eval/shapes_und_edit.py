@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,38 +67,74 @@ def caption_pairs(text: str) -> Counter:
     return pairs
 
 
+def understanding_questions(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every question ``shapes-und`` asks, in order, as plain data (what the lmms-eval task's documents
+    hold too): ``qtype``; ``group`` (the questions that count as one: a multiple-choice record's
+    rotations, which are right only together); ``image`` (the record's path, relative to its folder);
+    ``turns`` (LLaVA-form, ending with the question; earlier answers gold); and what a right answer
+    is: ``gold`` (the option letter for ``mcq``, the answer for short answers) or, for a caption,
+    ``scene``."""
+    for record in records:
+        image, turns = record["image"], record["conversations"]
+        if record["qtype"] == "mcq":
+            question = turns[0]["value"].removeprefix("<image>\n").split("\nA. ")[0]
+            options = list(record["options"])
+            gold = options["ABCD".index(record["answer"])]
+            for shift in range(len(options)):
+                rotated = options[shift:] + options[:shift]
+                yield {
+                    "qtype": "mcq", "group": f"{record['id']}/mcq", "image": image,
+                    "turns": [{"from": "human", "value": "<image>\n" + format_mcq(question, rotated)}],
+                    "gold": "ABCD"[rotated.index(gold)], "scene": None,
+                }  # fmt: skip
+            continue
+        if record["qtype"] == "caption":
+            yield {"qtype": "caption", "group": f"{record['id']}/caption", "image": image,
+                   "turns": [dict(turns[0])], "gold": None, "scene": record["scene"]}  # fmt: skip
+            continue
+        for k, qtype in enumerate(record.get("qtypes", [record["qtype"]])):
+            yield {
+                "qtype": qtype, "group": f"{record['id']}/{k}", "image": image,
+                "turns": [dict(t) for t in turns[: 2 * k + 1]], "gold": turns[2 * k + 1]["value"],
+                "scene": None,
+            }  # fmt: skip
+
+
+def answer_is_right(question: dict[str, Any], answer: str) -> bool:
+    """Whether ``answer`` is right for one of :func:`understanding_questions`' questions: the option
+    letter for multiple choice (MMBench-style extraction), the scene's colour-shape pairs in a
+    caption's first sentence (the training format; later sentences restate relations), else the
+    normalised gold answer."""
+    if question["qtype"] == "mcq":
+        return mcq_letter(answer) == question["gold"]
+    if question["qtype"] == "caption":
+        scene = Scene.from_dict(question["scene"])
+        return caption_pairs(answer.split(".")[0]) == Counter((o.colour, o.shape) for o in scene.objects)
+    return normalise(answer) == normalise(question["gold"])
+
+
+def accuracy_by_qtype(judged: Iterable[tuple[dict[str, Any], bool]]) -> dict[str, float]:
+    """Per question type the share of groups answered right (a group: every question in it right),
+    ``overall`` = mean of the types, ``questions`` = groups counted."""
+    groups: dict[str, tuple[str, bool]] = {}
+    for question, right in judged:
+        qtype, so_far = groups.get(question["group"], (question["qtype"], True))
+        groups[question["group"]] = (qtype, so_far and right)
+    hits: dict[str, list[bool]] = {}
+    for qtype, right in groups.values():
+        hits.setdefault(qtype, []).append(right)
+    return _accuracy_by_group(hits, "questions")
+
+
 def score_understanding(
     records: Iterable[dict[str, Any]], root: str | Path, answer: AnswerFn
 ) -> dict[str, float]:
     """Accuracy per question type (``mcq`` circular, short answers, captions), ``overall`` = mean of types."""
     root = Path(root)
-    hits: dict[str, list[bool]] = {}
-    for record in records:
-        image = root / record["image"]
-        turns = record["conversations"]
-        if record["qtype"] == "mcq":
-            question = turns[0]["value"].removeprefix("<image>\n").split("\nA. ")[0]
-            options = list(record["options"])
-            gold = options["ABCD".index(record["answer"])]
-            right = True
-            for shift in range(len(options)):
-                rotated = options[shift:] + options[:shift]
-                asked = [{"from": "human", "value": "<image>\n" + format_mcq(question, rotated)}]
-                right &= mcq_letter(answer(image, asked)) == "ABCD"[rotated.index(gold)]
-            hits.setdefault("mcq", []).append(right)
-            continue
-        if record["qtype"] == "caption":
-            # The first sentence lists the objects (the training format); later ones restate relations.
-            said = caption_pairs(answer(image, turns[:1]).split(".")[0])
-            scene = Scene.from_dict(record["scene"])
-            hits.setdefault("caption", []).append(said == Counter((o.colour, o.shape) for o in scene.objects))
-            continue
-        qtypes = record.get("qtypes", [record["qtype"]])
-        for k, qtype in enumerate(qtypes):
-            history = turns[: 2 * k + 1]
-            gold = turns[2 * k + 1]["value"]
-            hits.setdefault(qtype, []).append(normalise(answer(image, history)) == normalise(gold))
-    return _accuracy_by_group(hits, "questions")
+    return accuracy_by_qtype(
+        (q, answer_is_right(q, answer(root / q["image"], q["turns"])))
+        for q in understanding_questions(records)
+    )
 
 
 def _accuracy_by_group(hits: dict[str, list[bool]], count_key: str) -> dict[str, float]:

@@ -280,9 +280,12 @@ class OrionPipeline:
         tokens: list[torch.Tensor],
         *,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
         steps: int | None = None,
         cfg_scale: float | None = None,
     ) -> list[Image.Image]:
+        """Decoder renderings of token sets; ``seeds`` (one per image) makes each image independent of
+        its batch (``decoder.flow.sample``)."""
         if self.decoder is None:
             raise ValueError(NO_DECODER)
         dec = self.decoder
@@ -290,7 +293,7 @@ class OrionPipeline:
         dec.to(dev)
         try:
             batch = torch.stack([t.float() for t in tokens]).to(dev, next(dec.parameters()).dtype)
-            pixels = sample(dec, batch, steps=steps, cfg_scale=cfg_scale, seed=seed)
+            pixels = sample(dec, batch, steps=steps, cfg_scale=cfg_scale, seed=seed, seeds=seeds)
         finally:
             if self.offload_decoder:
                 dec.to("cpu")

@@ -10,6 +10,11 @@ is a PNG data URL: ``![image 1](data:image/png;base64,...)``. Requests go throug
 (bounded queue, batching); a full queue answers 429, a request that waits past its timeout 504,
 and every invalid request a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
 "code"}}`` naming the problem.
+
+Access: with ``ServeConfig.api_key`` set, every request needs ``Authorization: Bearer KEY`` (401
+otherwise), as vLLM's ``--api-key`` does. The check is one ASGI middleware in front of the whole app,
+so a route added later is covered too; it lets through ``/health`` and the routes of a mounted app that
+checks credentials itself (the web chat's login, see ``serve/app.py``), never anything under ``/v1``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +38,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match, get_route_path
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orion_mllm.inference.engine import SamplingConfig
 from orion_mllm.inference.pipeline import OrionPipeline
@@ -53,6 +62,8 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 1024
+    # Clients send it as ``Authorization: Bearer KEY``; None: no key. Kept out of repr (logs, tracebacks).
+    api_key: str | None = field(default=None, repr=False)
 
 
 class ApiError(Exception):
@@ -72,6 +83,72 @@ class ApiError(Exception):
 def _error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
+
+
+def key_matches(given: str | bytes, key: str) -> bool:
+    """Whether ``given`` is ``key``, compared in constant time (on bytes, so any characters work)."""
+    given = given.encode() if isinstance(given, str) else given
+    return hmac.compare_digest(given, key.encode())
+
+
+# Paths open without the key: the liveness probe only (load balancers and orchestrators carry no key).
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyCheck:
+    """ASGI middleware: answer 401 to a request without ``Authorization: Bearer <key>``.
+
+    Every path needs the key, unknown ones included (a 404 would tell which routes exist), except
+    ``OPEN_PATHS`` and paths outside ``/v1`` that the router sends to a route listed in
+    ``self_authenticating()`` (a mounted app with its own login). Neither the key nor what the client
+    sent appears in a response or a log.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str, self_authenticating: Callable[[], list[BaseRoute]]
+    ) -> None:
+        if not api_key:
+            raise ValueError("ApiKeyCheck: api_key must be a non-empty string")
+        self.app, self.api_key, self.self_authenticating = app, api_key, self_authenticating
+
+    def needs_key(self, scope: Scope) -> bool:
+        path = get_route_path(scope)
+        if path in OPEN_PATHS:
+            return False
+        if path == "/v1" or path.startswith("/v1/"):
+            return True
+        # The route the router would pick: the first full match (a wrong method only matches partly).
+        delegated = self.self_authenticating()
+        for route in scope["app"].router.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return route not in delegated
+        return True
+
+    def problem(self, scope: Scope) -> str | None:
+        """None when the request carries the key, else why not (the 401's message)."""
+        header = dict(scope["headers"]).get(b"authorization")
+        if header is None:
+            return "missing API key: send the header 'Authorization: Bearer YOUR_KEY'"
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "the Authorization header must use the Bearer scheme: 'Authorization: Bearer YOUR_KEY'"
+        if not key_matches(token.strip(), self.api_key):
+            return "incorrect API key"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not self.needs_key(scope):
+            await self.app(scope, receive, send)
+            return
+        problem = self.problem(scope)
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation (HTTP 403)
+        else:
+            response = _error(401, problem, code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
 
 
 def _png_b64(image: Image.Image) -> str:
@@ -293,6 +370,12 @@ def create_api_app(pipeline: OrionPipeline, config: ServeConfig | None = None) -
 
     app = FastAPI(title="orion-mllm", lifespan=lifespan)
     app.state.api = api
+    # Routes of mounted apps that check credentials themselves (the web chat's login): see ApiKeyCheck.
+    app.state.self_authenticating = []
+    if cfg.api_key:
+        app.add_middleware(
+            ApiKeyCheck, api_key=cfg.api_key, self_authenticating=lambda: app.state.self_authenticating
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
