@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from orion_mllm.cli import main
-from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.eval.geneval import default_metadata, read_metadata
 from orion_mllm.model.orion import OrionModel
+from serve_utils import save_with_decoder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     """A micro ORION model directory carrying its decoder in decoder/."""
     micro = OrionModel.from_preset("micro", seed=5).eval()
-    root = tmp_path_factory.mktemp("geneval") / "model"
-    micro.save_pretrained(root)
-    spec = micro.config.image_spec
-    cfg = decoder_preset("micro", token_dim=micro.hidden_size, num_tokens=spec.gen_num_tokens,
-                         image_size=spec.gen_image_size)  # fmt: skip
-    torch.manual_seed(0)
-    OrionDecoder(dataclasses.replace(cfg, patch_size=16, prediction="sample")).save_pretrained(
-        root / "decoder"
-    )
-    return str(root)
+    return save_with_decoder(micro, tmp_path_factory.mktemp("geneval") / "model")
 
 
 def _six_prompts(tmp_path) -> tuple:

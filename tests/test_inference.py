@@ -14,13 +14,13 @@ from PIL import Image
 
 from orion_mllm.cli import main
 from orion_mllm.data.records import encode_record
-from orion_mllm.decoder.model import OrionDecoder, decoder_preset
 from orion_mllm.inference.chat import ChatRepl
 from orion_mllm.inference.engine import Engine, SamplingConfig
 from orion_mllm.inference.pipeline import OrionPipeline
 from orion_mllm.inference.session import ChatSession, GeneratedImage, UserImage
 from orion_mllm.model.orion import OrionModel
 from orion_mllm.sequence import mrope_positions
+from serve_utils import save_with_decoder
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +31,7 @@ def micro() -> OrionModel:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, micro) -> str:
     """A micro ORION model directory carrying its decoder in decoder/."""
-    root = tmp_path_factory.mktemp("infer") / "model"
-    micro.save_pretrained(root)
-    spec = micro.config.image_spec
-    cfg = decoder_preset("micro", token_dim=micro.hidden_size, num_tokens=spec.gen_num_tokens,
-                         image_size=spec.gen_image_size)  # fmt: skip
-    torch.manual_seed(0)
-    OrionDecoder(dataclasses.replace(cfg, patch_size=16, prediction="sample")).save_pretrained(
-        root / "decoder"
-    )
-    return str(root)
+    return save_with_decoder(micro, tmp_path_factory.mktemp("infer") / "model")
 
 
 def _image(seed: int, size=(64, 40)) -> Image.Image:

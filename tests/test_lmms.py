@@ -124,7 +124,7 @@ def _logged_answers(out: Path) -> dict[int, str]:
 
 
 def test_lmms_eval_answers_as_shapes_und_in_process_and_through_the_server(
-    micro_dir, eval_folder, tmp_path, capsys
+    micro_dir, eval_folder, tmp_path, capsys, monkeypatch
 ):
     """`orion eval lmms` with the shipped task gives `orion eval shapes-und`'s scores and the very same
     answers; lmms-eval's own OpenAI-compatible model against `orion serve --api-key` gives them too
@@ -140,6 +140,7 @@ def test_lmms_eval_answers_as_shapes_und_in_process_and_through_the_server(
     from orion_mllm.eval.lmms_tasks import TASKS_DIR
     from orion_mllm.eval.model_eval import answer_many, read_jsonl
 
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the shipped task never reaches the hub
     model, data, n = Path(micro_dir), eval_folder, 12
     capsys.readouterr()
     assert main(["eval", "shapes-und", "--model", str(model), "--data", str(data), "--n", str(n)]) == 0
