@@ -55,7 +55,18 @@ def main() -> None:
     t0 = time.time()
     pipe = OrionPipeline.load(args.model, image_separator="\n")
     records = read_jsonl(f"{args.data}/interleaved.jsonl")[: args.n]
-    result, _ = eval_interleaved(pipe, records, progress=False)
+    result, dialogues = eval_interleaved(pipe, records, progress=False)
+    # Accuracy by the gold answer (0: a shape the prompt does not name; 1: a named one; 2-4: counting),
+    # with the drawings in place and swapped: which answers come from the picture.
+    by_gold: dict[str, list[int]] = {}
+    for d in dialogues:
+        hits = by_gold.setdefault(d["gold"], [0, 0, 0])
+        hits[0] += 1
+        hits[1] += d["right"]
+        hits[2] += d["right_swapped"]
+    result["by_gold"] = {
+        g: {"n": n, "right": r / n, "swapped": s / n} for g, (n, r, s) in sorted(by_gold.items())
+    }
     tokens = regress_tokens(pipe, [r["conversations"][0]["value"] for r in records], progress=False)
     result.update(first_token(pipe, records, tokens))
     print(json.dumps({"model": args.model, **result, "seconds": round(time.time() - t0, 1)}))

@@ -53,6 +53,18 @@ def test_folder_written_with_other_settings_is_refused(tmp_path):
     assert ensure_shapes_data(_recipe(root, "shapes_data="), progress=False) is None
 
 
+def test_a_folder_missing_a_file_the_recipe_reads_is_refused(tmp_path):
+    """A folder an older generator wrote (before draw_ask.jsonl) is named, not trained on half-read."""
+    root = tmp_path / "data"
+    recipe = load_recipe(RECIPES / "stage3_sft.yaml", [f"data_root={root}", *SMALL])
+    assert "draw_ask.jsonl" in [e.path for e in recipe.data]
+    ensure_shapes_data(recipe, progress=False)
+    (root / "draw_ask.jsonl").unlink()
+    with pytest.raises(SetupError, match=r"has no draw_ask\.jsonl \(an older ShapesWorld generator"):
+        ensure_shapes_data(recipe, progress=False)
+    assert (root / "gen.jsonl").is_file()  # nothing deleted
+
+
 def test_orion_train_refuses_mismatched_data_with_one_line_exit_2(tmp_path, capsys):
     root = tmp_path / "data"
     write_shapes_dataset(

@@ -15,6 +15,7 @@ from orion_mllm.data.shapes.datasets import (
     HELD_OUT_COUNT,
     HELD_OUT_PAIRS,
     NUMBER_WORDS,
+    VAGUE_REQUESTS,
     canonical_caption,
     is_held_out_caption,
     plural,
@@ -63,6 +64,7 @@ def test_every_file_passes_data_check(dataset):
         "edit.jsonl": "editing",
         "interleaved.jsonl": "generation",
         "heldout_gen.jsonl": "generation",
+        "draw_ask.jsonl": "generation",
     }
     for name, task in expected.items():
         report = check_jsonl(dataset / name, decode=True)
@@ -120,6 +122,23 @@ def test_generation_records_cover_categories_and_templates(dataset):
         assert r["caption"] in prompt
         # The stored image satisfies the stored spec, judged from pixels.
         assert judge(Spec.from_dict(r["spec"]), load_image(dataset / r["image"]))
+
+
+def test_draw_then_ask_dialogues_answer_from_their_picture_only(dataset):
+    gen = {r["id"]: r for r in records(dataset / "gen.jsonl")}
+    asks = records(dataset / "draw_ask.jsonl")
+    assert len(asks) == len(gen) == json.loads((dataset / "meta.json").read_text())["counts"]["draw_ask"]
+    absent = 0
+    for r in asks:
+        source = gen[r["id"].replace("drawask-", "gen-")]
+        assert r["image"] == source["image"] and r["scene"] == source["scene"]  # the record's own picture
+        request, image, question, answer = (t["value"] for t in r["conversations"])
+        assert request in VAGUE_REQUESTS and image == "<image>"  # the request names nothing
+        shape = {plural(s): s for s in SHAPES}[re.fullmatch(r"How many (\w+) are there\?", question).group(1)]
+        dets = detect_objects(load_image(dataset / r["image"]))  # the answer is what the pixels show
+        assert answer == r["answer"] == str(sum(d.shape == shape for d in dets))
+        absent += answer == "0"
+    assert 0.3 < absent / len(asks) < 0.7  # shapes the picture holds and shapes it does not
 
 
 def test_understanding_answers_match_the_pixels(dataset):

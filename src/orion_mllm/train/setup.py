@@ -304,6 +304,14 @@ def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
     root = Path(recipe.data_root)
     if (root / "meta.json").is_file():
         check_shapes_settings(root, recipe.shapes_data.model_dump())
+        # A file the generator added since the folder was written (e.g. draw_ask.jsonl) is missing there.
+        missing = [e.path for e in recipe.data
+                   if not any(c in e.path for c in "{*?[") and not (root / e.path).is_file()]  # fmt: skip
+        if missing:
+            raise SetupError(
+                f"data_root={root} has no {', '.join(missing)} (an older ShapesWorld generator wrote it): "
+                "set data_root=NEWDIR to generate the recipe's data there, or delete the folder"
+            )
         return root
     if root.exists() and any(root.iterdir()):
         raise SetupError(

@@ -19,6 +19,11 @@ Files written under ``out``:
   (the decoder's training images);
 - ``edit.jsonl``: recolour / add / remove / move / swap, source image in the user turn, target in
   the assistant turn;
+- ``draw_ask.jsonl``: draw-then-ask training dialogues, one per ``gen.jsonl`` record and on its
+  picture: a request that names nothing ("Draw some shapes.", ``VAGUE_REQUESTS``), the picture as the
+  assistant's image, then "How many <shape>s are there?" about a shape in it or one absent from it.
+  The answer is only in the picture, so a model trained on them answers about its own drawing from the
+  drawing (the interleaved evaluation's swapped-drawing control), not from the request's words;
 - ``interleaved.jsonl``: evaluation dialogues that generate an image, then ask about it;
 - ``heldout_gen.jsonl``: text-to-image prompts training never sees (``holdout``, :class:`Holdout`):
   held-out captions in their canonical pictures (default), or the held-out colour-shape pairs and
@@ -419,6 +424,40 @@ class _Writer:
         return rel
 
 
+# Draw-then-ask requests that name nothing: the question's answer is then only in the picture.
+VAGUE_REQUESTS = (
+    "Draw a picture.",
+    "Draw some shapes.",
+    "Draw a picture with a few shapes.",
+    "Make a picture of some shapes.",
+    "Draw whatever shapes you like.",
+    "Show me a picture of shapes.",
+)
+
+
+def draw_ask_record(rng: random.Random, gen_record: dict[str, Any]) -> dict[str, Any]:
+    """A draw-then-ask dialogue on a text-to-image record's picture: a vague request, the picture, then
+    how many of a shape it holds (half the time a shape it holds, else one it does not: answer 0, as
+    the evaluation's dialogues also ask about shapes the drawing should not hold)."""
+    present = [o["shape"] for o in gen_record["scene"]["objects"]]
+    absent = [s for s in SHAPES if s not in present]
+    shape = rng.choice(sorted(set(present))) if rng.random() < 0.5 or not absent else rng.choice(absent)
+    answer = str(present.count(shape))
+    return {
+        "id": gen_record["id"].replace("gen-", "drawask-"),
+        "task": "interleaved",
+        "image": gen_record["image"],
+        "scene": gen_record["scene"],
+        "answer": answer,
+        "conversations": [
+            {"from": "human", "value": rng.choice(VAGUE_REQUESTS)},
+            {"from": "gpt", "value": "<image>"},
+            {"from": "human", "value": f"How many {plural(shape)} are there?"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
+
+
 def _jsonl(path: Path, records: Iterator[dict[str, Any]]) -> int:
     n = 0
     tmp = path.with_suffix(".jsonl.tmp")
@@ -699,9 +738,16 @@ def write_shapes_dataset(
             yield _generation_record(rng, w, "heldout", i, spec, scene)
             bar.update()
 
+    def draw_ask() -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{seed}/draw_ask")
+        with (out / "gen.jsonl").open(encoding="utf-8") as handle:
+            for line in handle:
+                yield draw_ask_record(rng, json.loads(line))
+
     counts = {
         "und": _jsonl(out / "und.jsonl", und()),
         "gen": _jsonl(out / "gen.jsonl", gen()),
+        "draw_ask": _jsonl(out / "draw_ask.jsonl", draw_ask()),  # on gen.jsonl's pictures: after it
         "edit": _jsonl(out / "edit.jsonl", edit()),
         "interleaved": _jsonl(out / "interleaved.jsonl", interleaved()),
         "heldout_gen": _jsonl(out / "heldout_gen.jsonl", heldout()),
@@ -728,7 +774,7 @@ def write_shapes_dataset(
         "max_count": rule.max_count,
         "held_out_captions": None if holdout == "pairs" else f"sha256 % {CAPTION_HOLDOUT_MODULUS} == 0",
         "num_templates": len(ALL_TEMPLATES),
-        "training_files": ["und.jsonl", "gen.jsonl", "edit.jsonl"],
+        "training_files": ["und.jsonl", "gen.jsonl", "draw_ask.jsonl", "edit.jsonl"],
         "eval_files": ["interleaved.jsonl", "heldout_gen.jsonl"],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
