@@ -341,8 +341,10 @@ def eval_interleaved(
     guidance: float | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:  # fmt: skip
     """Generate-then-ask dialogues (``interleaved.jsonl``): the model draws the prompt's image, then is
-    asked about it with its own predicted tokens in context (paper 4.3, zero-shot: no training
-    dialogue mixes the two). Returns the answer accuracy and, per record, what was said.
+    asked about it with its own predicted tokens in context (paper 4.3). These dialogues name what
+    they ask for; the ShapesWorld recipes train only draw-then-ask dialogues whose request names
+    nothing (``draw_ask.jsonl``), on other scenes. Returns the answer accuracy and, per record, what
+    was said.
 
     The control ``overall_swapped`` asks the same questions with each drawing replaced by the next
     dialogue's: if the answers come from the picture, accuracy drops; if they come from the prompt's

@@ -235,7 +235,7 @@ def write_report(qs: Quickstart) -> dict[str, Any]:
         ),
         f"| shapes-edit overall ({edit_json['edits']} edits) | - | {_pct(edit_json['overall'])} |",
         *(f"| &nbsp; edit {k} | - | {_pct(edit_json[k])} |" for k in edit_ops),
-        f"| interleaved generate-then-ask ({inter['dialogues']} dialogues, zero-shot) | - | "
+        f"| interleaved generate-then-ask ({inter['dialogues']} dialogues) | - | "
         f"{_pct(inter['overall'])} |",
         *(
             [f"| &nbsp; same questions, each drawing swapped for another dialogue's | - | "
