@@ -140,3 +140,17 @@ def test_repository_tracks_no_generated_images():
     images = [f for f in images if not f.startswith(("docs/", "tests/"))]
     assert not images, f"{len(images)} generated images tracked, e.g. {images[:3]}"
     assert not any(f.startswith("data/") for f in tracked)
+
+
+def test_a_folder_with_another_caption_order_is_refused(tmp_path):
+    root = tmp_path / "data"
+    ensure_shapes_data(_recipe(root), progress=False)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["settings"]["caption_order"] == "scene"
+    # Folders written before the setting existed listed objects in the scene's order.
+    del meta["settings"]["caption_order"]
+    assert recorded_settings(meta)["caption_order"] == "scene"
+    (root / "meta.json").write_text(json.dumps(meta))
+    assert ensure_shapes_data(_recipe(root), progress=False) == root
+    with pytest.raises(SetupError, match=r"caption_order 'scene' vs recipe 'split'"):
+        ensure_shapes_data(_recipe(root, "shapes_data.caption_order=split"), progress=False)

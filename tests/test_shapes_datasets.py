@@ -296,3 +296,63 @@ def test_holdout_names_agree_in_generator_recipe_and_cli():
         parser = sub.choices[name]
     option = next(a for a in parser._actions if a.dest == "holdout")
     assert set(option.choices) == set(HOLDOUTS) and option.default == HOLDOUTS[0] == "captions"
+
+
+def test_caption_order_options(dataset, tmp_path):
+    """``caption_order``: "scene" is the captions as before the option (the default); the sorted orders
+    list the same objects, by shape or by colour, "split" by shape only for the shapes request; only
+    captions change, and the folder records the setting."""
+    from orion_mllm.data.shapes.datasets import CAPTION_ORDERS, caption_objects, describe_scene
+    from orion_mllm.data.shapes.world import COLOURS
+
+    colours = list(COLOURS)
+    base = records(dataset / "und.jsonl")
+    captions = [r for r in base if r["qtype"] == "caption"]
+    assert captions and all(
+        r["answer"] == describe_scene(Scene.from_dict(r["scene"])) for r in captions
+    )  # default: the scene's order
+    for order in CAPTION_ORDERS[1:]:
+        out = tmp_path / order
+        meta = write_shapes_dataset(out, size=64, seed=3, progress=False, caption_order=order, **SMALL)
+        assert meta["settings"]["caption_order"] == order
+        mine = records(out / "und.jsonl")
+        assert len(mine) == len(base)
+        for old, new in zip(base, mine, strict=True):
+            if old["qtype"] != "caption":
+                assert new == old
+                continue
+            assert new["answer"] == new["conversations"][1]["value"]
+            prompt = new["conversations"][0]["value"]
+            listed = caption_objects(Scene.from_dict(new["scene"]), order, prompt)
+            assert sorted(map(repr, listed)) == sorted(map(repr, Scene.from_dict(old["scene"]).objects))
+            asks_shapes = prompt.endswith("Describe the shapes you see.")
+            by_shape = order == "shape" or (order == "split" and asks_shapes)
+            keys = [
+                (SHAPES.index(o.shape), colours.index(o.colour)) if by_shape else
+                (colours.index(o.colour), SHAPES.index(o.shape))
+                for o in listed
+            ]  # fmt: skip
+            assert keys == sorted(keys)
+            first = new["answer"].split(".")[0].lower()
+            positions = [first.index(f"{o.colour} {o.shape}") for o in listed]
+            assert positions == sorted(positions)  # the caption names them in that order
+    with pytest.raises(ValueError, match="caption_order='size'"):
+        write_shapes_dataset(tmp_path / "bad", size=64, seed=3, progress=False, caption_order="size", **SMALL)
+
+
+def test_caption_order_names_agree_in_generator_recipe_and_cli():
+    import argparse
+    import typing
+
+    from orion_mllm.cli import build_parser
+    from orion_mllm.data.shapes.datasets import CAPTION_ORDERS
+    from orion_mllm.train.recipe import ShapesDataSection
+
+    field = ShapesDataSection.model_fields["caption_order"]
+    assert set(typing.get_args(field.annotation)) == set(CAPTION_ORDERS) and field.default == "scene"
+    parser = build_parser()
+    for name in ("data", "shapes"):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    option = next(a for a in parser._actions if a.dest == "caption_order")
+    assert set(option.choices) == set(CAPTION_ORDERS) and option.default == "scene"

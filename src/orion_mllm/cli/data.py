@@ -36,6 +36,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
         seed=args.seed,
         gen_layout=args.gen_layout,
         holdout=args.holdout,
+        caption_order=args.caption_order,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     print(json.dumps(meta["counts"]))
@@ -71,5 +72,10 @@ def add_data(sub: argparse._SubParsersAction) -> None:
         "--holdout", default="captions", choices=["captions", "pairs"],
         help="kept out of training: a fifth of the text-to-image captions (default), or three "
         "colour-shape pairs and four-of-a-shape in every file",
+    )  # fmt: skip
+    p.add_argument(
+        "--caption-order", default="scene", choices=["scene", "shape", "colour", "split"],
+        help="the order captions list objects in: the scene's own, i.e. random (default, as the recipes), "
+        "sorted by shape, by colour, or by shape for 'Describe the shapes you see.' and by colour otherwise",
     )  # fmt: skip
     p.set_defaults(func=_cmd_data_shapes)

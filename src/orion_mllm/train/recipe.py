@@ -174,6 +174,11 @@ class ShapesDataSection(_Strict):
         "pairs", description="what training never sees: a fifth of the text-to-image captions, or "
         "three colour-shape pairs and four-of-a-shape in any file (orion_mllm.data.shapes.datasets.Holdout)",
     )  # fmt: skip
+    caption_order: Literal["scene", "shape", "colour", "split"] = Field(
+        "scene", description="the order und.jsonl's captions list objects in: the scene's (random), or "
+        "sorted by shape, by colour, or by shape for 'Describe the shapes you see.' and by colour otherwise "
+        "(orion_mllm.data.shapes.datasets.CAPTION_ORDERS)",
+    )  # fmt: skip
 
 
 class CheckpointSection(_Strict):

@@ -336,6 +336,7 @@ def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
         seed=s.seed,
         gen_layout=s.gen_layout,
         holdout=s.holdout,
+        caption_order=s.caption_order,
         progress=progress,
     )
     if root.exists():

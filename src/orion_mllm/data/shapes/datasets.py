@@ -63,6 +63,16 @@ from orion_mllm.data.shapes.world import (
 from orion_mllm.data.templates import ALL_TEMPLATES, generation_prompt
 
 HOLDOUTS = ("captions", "pairs")
+# The order a caption lists a scene's objects in (``caption_order``). "scene": the order they were
+# placed in, i.e. random: the next object of a caption cannot be predicted, and that irreducible loss
+# drowned the short answers in stage 0. "shape" / "colour": sorted by shape (then colour, size) or by
+# colour (then shape, size), a convention the model can learn. Each order also trains one lookup: in
+# shape order the next shape is known and its colour must be found (what "What colour is the
+# circle?" asks); in colour order the reverse (what "What shape is the blue object?" asks). "split"
+# trains both: shape order when the request asks for the shapes ("Describe the shapes you see."),
+# colour order for the other requests (benchmarks/SMALL_SCALE.md, session 11).
+CAPTION_ORDERS = ("scene", "shape", "colour", "split")
+CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Describe the shapes you see.")
 CAPTION_HOLDOUT_MODULUS = 5  # about one caption in five is held out (``is_held_out_caption``)
 
 
@@ -163,8 +173,29 @@ def object_phrase(obj: ShapeObject, *, size: bool = False) -> str:
     return f"{article(words[0])} {' '.join(words)}"
 
 
-def describe_scene(scene: Scene) -> str:
-    """One sentence naming every object with its size, plus the relation when there are two."""
+def _by_shape(o: ShapeObject) -> tuple[int, int, int]:
+    return SHAPES.index(o.shape), list(COLOURS).index(o.colour), list(SIZES).index(o.size)
+
+
+def _by_colour(o: ShapeObject) -> tuple[int, int, int]:
+    return list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)
+
+
+def caption_objects(scene: Scene, order: str = "scene", prompt: str = "") -> tuple[ShapeObject, ...]:
+    """The scene's objects in the order a caption lists them (``CAPTION_ORDERS``; ``prompt``: the
+    request, which ``split`` reads)."""
+    if order not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order={order!r}: choose one of {', '.join(CAPTION_ORDERS)}")
+    if order == "scene":
+        return scene.objects
+    by_shape = order == "shape" or (order == "split" and "shapes" in prompt)
+    return tuple(sorted(scene.objects, key=_by_shape if by_shape else _by_colour))
+
+
+def describe_scene(scene: Scene, order: str = "scene", prompt: str = "") -> str:
+    """One sentence naming every object with its size, plus the relation when there are two (objects in
+    :func:`caption_objects`' order)."""
+    scene = Scene(caption_objects(scene, order, prompt))
     phrases = [object_phrase(o, size=True) for o in scene.objects]
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     text = text[0].upper() + text[1:] + "."
@@ -276,21 +307,20 @@ def format_mcq(question: str, options: list[str]) -> str:
 
 
 def understanding_record(
-    rng: random.Random, scene: Scene, image: str, index: int, holdout: Holdout
+    rng: random.Random, scene: Scene, image: str, index: int, holdout: Holdout, caption_order: str = "scene"
 ) -> dict[str, Any]:
     kind = rng.choice(("caption", "mcq", "short", "short", "dialogue"))
     base = {"id": f"und-{index:06d}", "task": "understanding", "image": image, "scene": scene.to_dict()}
     if kind == "caption":
-        prompt = rng.choice(
-            ("Describe the image.", "What is in this picture?", "Describe the shapes you see.")
-        )
+        prompt = rng.choice(CAPTION_PROMPTS)
+        caption = describe_scene(scene, caption_order, prompt)
         return {
             **base,
             "qtype": "caption",
-            "answer": describe_scene(scene),
+            "answer": caption,
             "conversations": [
                 {"from": "human", "value": f"<image>\n{prompt}"},
-                {"from": "gpt", "value": describe_scene(scene)},
+                {"from": "gpt", "value": caption},
             ],
         }
     if kind == "mcq" and (mcq := multiple_choice(rng, scene, holdout)) is not None:
@@ -579,7 +609,10 @@ def _held_out_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, S
     return _resample(rng, draw, held_out, "held-out caption")
 
 
-SETTINGS = ("size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout", "holdout")
+SETTINGS = (
+    "size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout", "holdout",
+    "caption_order",
+)  # fmt: skip
 # meta.json's ``counts`` key for each count setting (folders written before ``settings`` was recorded)
 _COUNT_KEYS = {"n_und": "und", "n_gen": "gen", "n_edit": "edit", "n_interleaved": "interleaved",
                "n_heldout": "heldout_gen"}  # fmt: skip
@@ -591,15 +624,17 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any] | None:
     Folders written before ``settings`` was recorded are read from ``seed``, ``size``, ``gen_layout``
     and ``counts`` (the generator writes exactly the asked-for counts); a folder without
     ``gen_layout`` predates canonical layouts and matches no current setting: None. Folders written
-    before ``holdout`` existed kept the colour-shape pairs out (``pairs``)."""
+    before ``holdout`` existed kept the colour-shape pairs out (``pairs``); before ``caption_order``,
+    captions listed objects in the scene's order (``scene``)."""
     if isinstance(meta.get("settings"), dict):
-        return {"holdout": "pairs", **meta["settings"]}
+        return {"holdout": "pairs", "caption_order": "scene", **meta["settings"]}
     counts = meta.get("counts")
     if not isinstance(counts, dict) or any(k not in meta for k in ("seed", "size", "gen_layout")):
         return None
     if any(c not in counts for c in _COUNT_KEYS.values()):
         return None
-    derived = {k: meta[k] for k in ("size", "seed", "gen_layout")} | {"holdout": "pairs"}
+    derived = {k: meta[k] for k in ("size", "seed", "gen_layout")}
+    derived |= {"holdout": "pairs", "caption_order": "scene"}
     derived.update({k: counts[c] for k, c in _COUNT_KEYS.items()})
     return {k: derived[k] for k in SETTINGS}
 
@@ -616,14 +651,18 @@ def write_shapes_dataset(
     seed: int = 0,
     gen_layout: str = "canonical",
     holdout: str = "captions",
+    caption_order: str = "scene",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``.
 
     ``holdout`` (:class:`Holdout`): ``captions`` keeps the captions :func:`is_held_out_caption` picks out
     of ``gen.jsonl`` and writes ``heldout_gen.jsonl`` from them; ``pairs`` keeps three colour-shape
-    pairs and four-of-a-shape out of every training file and writes ``heldout_gen.jsonl`` from those."""
+    pairs and four-of-a-shape out of every training file and writes ``heldout_gen.jsonl`` from those.
+    ``caption_order`` (``CAPTION_ORDERS``): the order ``und.jsonl``'s captions list objects in."""
     rule = Holdout.named(holdout)
+    if caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order={caption_order!r}: choose one of {', '.join(CAPTION_ORDERS)}")
     if gen_layout not in ("canonical", "random"):
         raise ValueError(f"gen_layout={gen_layout!r}: choose 'canonical' or 'random'")
     if not 32 <= size <= 512:
@@ -643,7 +682,9 @@ def write_shapes_dataset(
         rng = random.Random(f"{seed}/und")
         for i in range(n_und):
             scene = _resample(rng, lambda: sample_scene(rng, rng.randint(1, 4)), rule.scene_ok, "scene")
-            yield understanding_record(rng, scene, w.image(scene, f"images/und/{i:06d}.png"), i, rule)
+            yield understanding_record(
+                rng, scene, w.image(scene, f"images/und/{i:06d}.png"), i, rule, caption_order
+            )
             bar.update()
 
     def gen() -> Iterator[dict[str, Any]]:
@@ -756,6 +797,7 @@ def write_shapes_dataset(
     settings = {
         "size": size, "n_und": n_und, "n_gen": n_gen, "n_edit": n_edit, "n_interleaved": n_interleaved,
         "n_heldout": n_heldout, "seed": seed, "gen_layout": gen_layout, "holdout": holdout,
+        "caption_order": caption_order,
     }  # fmt: skip
     meta = {
         "world": "ShapesWorld",
