@@ -72,7 +72,8 @@ HOLDOUTS = ("captions", "pairs")
 # trains both: shape order when the request asks for the shapes ("Describe the shapes you see."),
 # colour order for the other requests (benchmarks/SMALL_SCALE.md, session 11).
 CAPTION_ORDERS = ("scene", "shape", "colour", "split")
-CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Describe the shapes you see.")
+SHAPES_REQUEST = "Describe the shapes you see."  # the caption request "split" answers in shape order
+CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", SHAPES_REQUEST)
 CAPTION_HOLDOUT_MODULUS = 5  # about one caption in five is held out (``is_held_out_caption``)
 
 
@@ -181,14 +182,18 @@ def _by_colour(o: ShapeObject) -> tuple[int, int, int]:
     return list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)
 
 
-def caption_objects(scene: Scene, order: str = "scene", prompt: str = "") -> tuple[ShapeObject, ...]:
-    """The scene's objects in the order a caption lists them (``CAPTION_ORDERS``; ``prompt``: the
-    request, which ``split`` reads)."""
+def check_caption_order(order: str) -> None:
     if order not in CAPTION_ORDERS:
         raise ValueError(f"caption_order={order!r}: choose one of {', '.join(CAPTION_ORDERS)}")
+
+
+def caption_objects(scene: Scene, order: str = "scene", prompt: str = "") -> tuple[ShapeObject, ...]:
+    """The scene's objects in the order a caption lists them (``CAPTION_ORDERS``; ``prompt``: the
+    request, or the user turn ending with it, which ``split`` reads)."""
+    check_caption_order(order)
     if order == "scene":
         return scene.objects
-    by_shape = order == "shape" or (order == "split" and "shapes" in prompt)
+    by_shape = order == "shape" or (order == "split" and prompt.endswith(SHAPES_REQUEST))
     return tuple(sorted(scene.objects, key=_by_shape if by_shape else _by_colour))
 
 
@@ -661,8 +666,7 @@ def write_shapes_dataset(
     pairs and four-of-a-shape out of every training file and writes ``heldout_gen.jsonl`` from those.
     ``caption_order`` (``CAPTION_ORDERS``): the order ``und.jsonl``'s captions list objects in."""
     rule = Holdout.named(holdout)
-    if caption_order not in CAPTION_ORDERS:
-        raise ValueError(f"caption_order={caption_order!r}: choose one of {', '.join(CAPTION_ORDERS)}")
+    check_caption_order(caption_order)  # before anything is written
     if gen_layout not in ("canonical", "random"):
         raise ValueError(f"gen_layout={gen_layout!r}: choose 'canonical' or 'random'")
     if not 32 <= size <= 512:
