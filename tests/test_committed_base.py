@@ -14,6 +14,7 @@ from orion_mllm.model.backbone import load_backbone
 from orion_mllm.workflow.committed_base import (
     MAX_BYTES,
     BaseMismatch,
+    architecture_changes,
     build_base,
     check_base,
     committed_base,
@@ -106,6 +107,24 @@ def test_recipe_keys_added_after_the_build_count_as_their_defaults(micro_base, t
     assert check_base(folder, recipe, ["train.max_steps=4"])["command"] == "test"
     with pytest.raises(BaseMismatch, match=r"trainable\.merger"):
         check_base(folder, recipe, ["train.max_steps=4", "trainable.merger=true"])
+
+
+def test_a_base_of_another_shape_than_its_preset_is_refused(micro_base, tmp_path):
+    """A preset's architecture is code, not recipe: a base built before the preset changed (here one
+    more key/value head) passes the recipe check yet must be refused by name."""
+    import shutil
+
+    folder = tmp_path / "micro"
+    shutil.copytree(micro_base / "micro", folder)
+    recipe = [recipe_path("micro", "stage0_base")]
+    assert architecture_changes(folder / "final", "micro") == []
+    config_path = folder / "final" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["text_config"]["num_key_value_heads"] += 1
+    config_path.write_text(json.dumps(config))
+    assert architecture_changes(folder / "final", "micro") == ["text.num_key_value_heads"]
+    with pytest.raises(BaseMismatch, match=r"another architecture .* text\.num_key_value_heads"):
+        check_base(folder, recipe, ["train.max_steps=4"])
 
 
 def two_phase_recipes(folder: Path) -> tuple[list[Path], str]:

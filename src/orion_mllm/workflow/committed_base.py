@@ -34,6 +34,12 @@ from orion_mllm.workflow.stage0 import phase_run_dirs, train_stage0
 PROVENANCE = "provenance.json"
 COPIED = ("final", "run.json", "recipe.yaml", PROVENANCE)  # not the run's logs: only what later stages read
 MAX_BYTES = 25 * 1024 * 1024  # the issue's budget for weights kept in git
+# What a preset fixes of a model's shape, checked against a committed base (the vocabulary follows
+# the tokenizer).
+ARCH_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads")  # fmt: skip
+ARCH_VISION_KEYS = ("hidden_size", "intermediate_size", "depth", "num_heads", "patch_size", "window_size",
+                    "fullatt_block_indexes")  # fmt: skip
 
 
 class BaseMismatch(ValueError):
@@ -112,7 +118,45 @@ def check_base(folder: Path, recipe_files: Sequence[Path], overrides: list[str])
             )
     if not (folder / "final" / "model.safetensors").is_file():
         raise ValueError(f"{folder}/final/model.safetensors missing: rebuild it with scripts/build_base.py")
+    init = load_recipe(recipe_files[0], []).model.init
+    if init.startswith("preset:"):
+        # A preset's shape is code, not recipe: a base of the old shape would pass the recipe check.
+        keys = architecture_changes(folder / "final", init.removeprefix("preset:"))
+        if keys:
+            raise BaseMismatch(
+                f"{folder}/final has another architecture than the {init} preset (differs at "
+                f"{', '.join(keys[:4])}): rerun with --from-scratch, or rebuild it "
+                "(python scripts/build_base.py)"
+            )
     return provenance
+
+
+def architecture_changes(model_dir: Path, preset_name: str) -> list[str]:
+    """The config keys (``text.NAME``, ``vision.NAME``) where the model in ``model_dir`` is built
+    otherwise than the preset (the vocabulary size aside: it follows the tokenizer)."""
+    from orion_mllm.config import get_preset
+
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); rebuild it with scripts/build_base.py") from None
+    preset = get_preset(preset_name)
+    wanted = {
+        "text": {k: getattr(preset.text, k) for k in ARCH_TEXT_KEYS},
+        "vision": {k: getattr(preset.vision, k) for k in ARCH_VISION_KEYS},
+    }
+    found = {"text": config.get("text_config") or {}, "vision": config.get("vision_config") or {}}
+
+    def plain(value: Any) -> Any:  # JSON holds lists where the preset holds tuples
+        return list(value) if isinstance(value, list | tuple) else value
+
+    return [
+        f"{half}.{key}"
+        for half, keys in wanted.items()
+        for key, value in keys.items()
+        if plain(found[half].get(key)) != plain(value)
+    ]
 
 
 def install_base(folder: Path, run_dir: Path) -> None:
@@ -243,6 +287,7 @@ def build_base(
 
 __all__ = [
     "BaseMismatch",
+    "architecture_changes",
     "bases_root",
     "build_base",
     "check_base",
