@@ -154,3 +154,17 @@ def test_a_folder_with_another_caption_order_is_refused(tmp_path):
     assert ensure_shapes_data(_recipe(root), progress=False) == root
     with pytest.raises(SetupError, match=r"caption_order 'scene' vs recipe 'split'"):
         ensure_shapes_data(_recipe(root, "shapes_data.caption_order=split"), progress=False)
+
+
+def test_a_folder_with_another_add_layout_is_refused(tmp_path):
+    root = tmp_path / "data"
+    ensure_shapes_data(_recipe(root, "shapes_data.add_layout=canonical"), progress=False)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["settings"]["add_layout"] == "canonical"
+    with pytest.raises(SetupError, match=r"add_layout 'canonical' vs recipe 'random'"):
+        ensure_shapes_data(_recipe(root), progress=False)
+    # Folders written before the setting existed placed added objects at random.
+    del meta["settings"]["add_layout"]
+    assert recorded_settings(meta)["add_layout"] == "random"
+    (root / "meta.json").write_text(json.dumps(meta))
+    assert ensure_shapes_data(_recipe(root), progress=False) == root

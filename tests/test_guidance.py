@@ -139,6 +139,7 @@ def test_step_loader_drops_requests_of_image_targets_only_and_reproducibly(tmp_p
     assert set(dropped) == {full_gen, min(dropped)} and min(dropped) < full_gen
     assert 70 < sum(n < full_gen for n in dropped) < 130
     assert {len(loader(1.0).encode(1, 0, slot=s)) for s in range(20)} == {full_und}  # never changed
+
     # Two processes drop the same samples as one: the coin is keyed by the global mixture position.
     def lengths(rank: int, world: int) -> list[int]:
         steps = [loader(0.5, rank, world).load(step) for step in range(4)]

@@ -356,3 +356,64 @@ def test_caption_order_names_agree_in_generator_recipe_and_cli():
         parser = sub.choices[name]
     option = next(a for a in parser._actions if a.dest == "caption_order")
     assert set(option.choices) == set(CAPTION_ORDERS) and option.default == "scene"
+
+
+def test_canonical_add_places_the_new_object_by_rule(dataset, tmp_path):
+    """``add_layout="canonical"`` (the generator's default): an "add" edit's new object is small and on
+    the first free slot, so the target is a function of the source and the words; every other record
+    is the same as with ``random`` (the folder before the option), which records its setting."""
+    from orion_mllm.data.shapes.datasets import _ADD_SLOTS, canonical_addition
+    from orion_mllm.data.shapes.world import fits_in_scene
+    from orion_mllm.eval.shapes_und_edit import scene_matches
+
+    n = {**SMALL, "n_edit": 60}
+    canonical = write_shapes_dataset(tmp_path / "c", size=64, seed=5, progress=False, **n)
+    legacy = write_shapes_dataset(tmp_path / "r", size=64, seed=5, progress=False, add_layout="random", **n)
+    assert canonical["settings"]["add_layout"] == "canonical" and legacy["settings"]["add_layout"] == "random"
+    mine, old = records(tmp_path / "c" / "edit.jsonl"), records(tmp_path / "r" / "edit.jsonl")
+    adds = 0
+    for new, before in zip(mine, old, strict=True):
+        if new["op"] != "add":
+            assert new == before
+            continue
+        adds += 1
+        assert new["instruction"] == before["instruction"] and new["source"] == before["source"]
+        source = Scene.from_dict(new["source"])
+        added = Scene.from_dict(new["scene"]).objects[-1]
+        assert Scene.from_dict(new["scene"]).objects[:-1] == source.objects
+        expected = canonical_addition(source, added.shape, added.colour)
+        assert expected is not None and added == expected and added.size == "small"
+        assert fits_in_scene(added, source.objects)
+        earlier = _ADD_SLOTS[: _ADD_SLOTS.index((added.x, added.y))]  # no earlier slot was free
+        assert not any(
+            fits_in_scene(type(added)(added.shape, added.colour, "small", x, y), source.objects)
+            for x, y in earlier
+        )
+        # The picture shows the target scene.
+        assert scene_matches(load_image(tmp_path / "c" / new["images"][1]), new["scene"])
+    assert adds >= 10
+    # Nothing but edit.jsonl and the add targets' pictures differ.
+    a, b = tree_digest(tmp_path / "c"), tree_digest(tmp_path / "r")
+    differ = {k for k in a if a[k] != b.get(k)}
+    assert differ and all(k == "edit.jsonl" or k == "meta.json" or k.endswith("_tgt.png") for k in differ)
+    with pytest.raises(ValueError, match="add_layout='corner'"):
+        write_shapes_dataset(tmp_path / "bad", size=64, seed=3, progress=False, add_layout="corner", **SMALL)
+
+
+def test_add_layout_names_agree_in_generator_recipe_and_cli():
+    import argparse
+    import typing
+
+    from orion_mllm.cli import build_parser
+    from orion_mllm.data.shapes.datasets import ADD_LAYOUTS
+    from orion_mllm.train.recipe import ShapesDataSection
+
+    field = ShapesDataSection.model_fields["add_layout"]
+    # A recipe that does not say means the folders before the option (random); the CLI writes canonical.
+    assert set(typing.get_args(field.annotation)) == set(ADD_LAYOUTS) and field.default == "random"
+    parser = build_parser()
+    for name in ("data", "shapes"):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    option = next(a for a in parser._actions if a.dest == "add_layout")
+    assert set(option.choices) == set(ADD_LAYOUTS) and option.default == "canonical"

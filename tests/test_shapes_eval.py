@@ -136,12 +136,15 @@ def test_eval_set_is_reused_enlarged_with_its_own_holdout_and_never_overwritten(
     assert eval_set(root, size=32, n_und=3, n_edit=1, n_interleaved=1, progress=False) == root
     assert (root / "und.jsonl").stat().st_mtime_ns == stamp
     old = tmp_path / "old"
-    write_shapes_dataset(old, size=32, n_und=4, n_gen=0, n_edit=2, n_interleaved=1, n_heldout=100,
-                         seed=EVAL_SEED, holdout="pairs", progress=False)  # fmt: skip
+    write_shapes_dataset(old, size=32, n_und=4, n_gen=0, n_edit=10, n_interleaved=1, n_heldout=100,
+                         seed=EVAL_SEED, holdout="pairs", add_layout="random", progress=False)  # fmt: skip
     before = (old / "und.jsonl").read_text().splitlines()
-    eval_set(old, size=32, n_und=8, n_edit=2, n_interleaved=1, progress=False)
+    edits_before = (old / "edit.jsonl").read_text().splitlines()
+    eval_set(old, size=32, n_und=8, n_edit=10, n_interleaved=1, progress=False)
     after = (old / "und.jsonl").read_text().splitlines()
     assert len(after) == 8 and after[:4] == before
+    assert (old / "edit.jsonl").read_text().splitlines() == edits_before  # "add" places kept
     assert json.loads((old / "meta.json").read_text())["holdout"] == "pairs"
+    assert json.loads((old / "meta.json").read_text())["settings"]["add_layout"] == "random"
     with pytest.raises(ValueError, match="not the evaluation set"):
         eval_set(old, size=48, progress=False)

@@ -34,8 +34,15 @@ def test_quickstart_writes_report_metrics_and_a_usable_model(quickstart, capsys)
     assert set(METRIC_KEYS) <= set(metrics)
     assert {f"gen_{c}" for c in CATEGORIES} <= set(metrics)
     assert metrics["preset"] == "micro" and metrics["max_steps"] == 4 and metrics["eval_limit"] == 6
-    for key in ("base_und_accuracy", "final_und_accuracy", "gen_overall", "edit_accuracy",
-                "gen_unseen_overall", "interleaved_accuracy", "interleaved_swapped_accuracy"):
+    for key in (
+        "base_und_accuracy",
+        "final_und_accuracy",
+        "gen_overall",
+        "edit_accuracy",
+        "gen_unseen_overall",
+        "interleaved_accuracy",
+        "interleaved_swapped_accuracy",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     # The smoke set's prompts split into seen and unseen captions (the unseen ones scored apart).
     assert metrics["gen_unseen_prompts"] + metrics["gen_seen_prompts"] == metrics["final_gen"]["samples"]
@@ -286,4 +293,3 @@ def test_max_steps_caps_a_stage_and_never_lengthens_it():
     assert step_cap(stage3, None) == []
     unbounded = load_recipe(recipe_path("tiny", "stage3_sft"), ["train.max_steps=null"])
     assert step_cap(unbounded, 700) == ["train.max_steps=700"]
-

@@ -37,6 +37,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
         gen_layout=args.gen_layout,
         holdout=args.holdout,
         caption_order=args.caption_order,
+        add_layout=args.add_layout,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     print(json.dumps(meta["counts"]))
@@ -77,5 +78,10 @@ def add_data(sub: argparse._SubParsersAction) -> None:
         "--caption-order", default="scene", choices=["scene", "shape", "colour", "split"],
         help="the order captions list objects in: the scene's own, i.e. random (default, as the recipes), "
         "sorted by shape, by colour, or by shape for 'Describe the shapes you see.' and by colour otherwise",
+    )  # fmt: skip
+    p.add_argument(
+        "--add-layout", default="canonical", choices=["canonical", "random"],
+        help="where 'add' edits put the new object: small, on the first free fixed slot (default: the "
+        "target is a function of the source and the words) or anywhere at random (folders before it)",
     )  # fmt: skip
     p.set_defaults(func=_cmd_data_shapes)

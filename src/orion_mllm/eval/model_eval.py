@@ -51,12 +51,13 @@ def eval_set(
     Written on first use (seed ``EVAL_SEED``, ShapesWorld's default hold-out). An existing set of the
     same seed and size with enough records is reused as it is, whatever hold-out it was written with
     (sets from before the caption hold-out keep the colour-shape pairs out of their images); a smaller
-    one is rewritten larger with its own hold-out (the same seed and settings give the same first
-    records, so nothing is lost); anything else in ``root`` is refused, never overwritten."""
+    one is rewritten larger with its own hold-out and add layout (the same seed and settings give the
+    same first records, so nothing is lost); anything else in ``root`` is refused, never overwritten.
+    (The scorer accepts an added object anywhere, so the add layout does not change what is right.)"""
     root = Path(root)
     meta_file = root / "meta.json"
     want = {"und": n_und, "edit": n_edit, "interleaved": n_interleaved}
-    holdout = "captions"
+    holdout, add_layout = "captions", "canonical"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("seed") != EVAL_SEED or meta.get("size") != size:
@@ -68,12 +69,13 @@ def eval_set(
         if all(counts.get(k, 0) >= v for k, v in want.items()):
             return root
         want = {k: max(v, counts.get(k, 0)) for k, v in want.items()}
-        holdout = (recorded_settings(meta) or {}).get("holdout", "pairs")
+        recorded = recorded_settings(meta) or {}
+        holdout, add_layout = recorded.get("holdout", "pairs"), recorded.get("add_layout", "random")
     elif root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no ShapesWorld meta.json: choose another folder")
     write_shapes_dataset(
         root, size=size, n_und=want["und"], n_gen=0, n_edit=want["edit"], n_interleaved=want["interleaved"],
-        n_heldout=100, seed=EVAL_SEED, holdout=holdout, progress=progress,
+        n_heldout=100, seed=EVAL_SEED, holdout=holdout, add_layout=add_layout, progress=progress,
     )  # fmt: skip
     return root
 

@@ -179,6 +179,11 @@ class ShapesDataSection(_Strict):
         "sorted by shape, by colour, or by shape for 'Describe the shapes you see.' and by colour otherwise "
         "(orion_mllm.data.shapes.datasets.CAPTION_ORDERS)",
     )  # fmt: skip
+    add_layout: Literal["canonical", "random"] = Field(
+        "random", description="where edit.jsonl's 'add' edits put the new object: a small one on the first "
+        "free fixed slot (a function of the source, orion_mllm.data.shapes.datasets.canonical_addition), or "
+        "anywhere at random",
+    )  # fmt: skip
 
 
 class CheckpointSection(_Strict):

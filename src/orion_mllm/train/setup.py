@@ -337,6 +337,7 @@ def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
         gen_layout=s.gen_layout,
         holdout=s.holdout,
         caption_order=s.caption_order,
+        add_layout=s.add_layout,
         progress=progress,
     )
     if root.exists():

@@ -378,8 +378,37 @@ def _fits_all(objs: list[ShapeObject]) -> bool:
     return all(fits_in_scene(o, objs[:k] + objs[k + 1 :]) for k, o in enumerate(objs))
 
 
-def edit_pair(rng: random.Random, op: str, holdout: Holdout) -> tuple[Scene, Scene, str] | None:
-    """(source, target, instruction) for one edit operation, or None if this draw does not allow it."""
+# Where ``add_layout="canonical"`` puts an added object: the first of these places where a small one
+# fits beside the source's objects: the centre, then a 7 x 7 grid row by row from the top left (a free
+# place exists for 99% of ShapesWorld's add edits).
+_ADD_GRID = (0.17, 0.28, 0.39, 0.5, 0.61, 0.72, 0.83)
+_ADD_SLOTS = ((0.5, 0.5), *((x, y) for y in _ADD_GRID for x in _ADD_GRID))
+ADD_LAYOUTS = ("canonical", "random")
+
+
+def canonical_addition(source: Scene, shape: str, colour: str) -> ShapeObject | None:
+    """The one picture "Add a <colour> <shape>." stands for: a small object on the first free slot of
+    ``_ADD_SLOTS``, or None when none is free.
+
+    An MSE-regressed edit learns the mean of every target its request allows; with the new object at a
+    random place and size that mean is a faint smear (issue 16: add stayed at 0 after 77,000 edit
+    samples), so, as for text-to-image's canonical layouts, the target is made a function of the source
+    and the words."""
+    for x, y in _ADD_SLOTS:
+        obj = ShapeObject(shape, colour, "small", x, y)
+        if fits_in_scene(obj, source.objects):
+            return obj
+    return None
+
+
+def edit_pair(
+    rng: random.Random, op: str, holdout: Holdout, add_layout: str = "random"
+) -> tuple[Scene, Scene, str] | None:
+    """(source, target, instruction) for one edit operation, or None if this draw does not allow it.
+
+    ``add_layout``: where "add" puts the new object: at random (``random``, what older folders hold) or
+    on :func:`canonical_addition`'s slot (``canonical``; where no slot is free, ~1% of adds, the random
+    place stays). The same random draws are made either way, so every other record is unchanged."""
     source = sample_scene(rng, rng.randint(1 if op in ("recolour", "add", "move") else 2, 3))
     if not holdout.scene_ok(source):
         return None
@@ -393,6 +422,9 @@ def edit_pair(rng: random.Random, op: str, holdout: Holdout) -> tuple[Scene, Sce
         except RuntimeError:  # no room left for another object in this scene
             return None
         new = target.objects[-1]
+        placed = canonical_addition(source, new.shape, new.colour) if add_layout == "canonical" else None
+        if placed is not None:  # (no free slot, ~1%: the random place drawn above stays)
+            target = Scene((*objs, placed))
         instruction = f"Add {object_phrase(new)}."
     elif not unique:
         return None
@@ -616,7 +648,7 @@ def _held_out_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, S
 
 SETTINGS = (
     "size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout", "holdout",
-    "caption_order",
+    "caption_order", "add_layout",
 )  # fmt: skip
 # meta.json's ``counts`` key for each count setting (folders written before ``settings`` was recorded)
 _COUNT_KEYS = {"n_und": "und", "n_gen": "gen", "n_edit": "edit", "n_interleaved": "interleaved",
@@ -630,16 +662,17 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any] | None:
     and ``counts`` (the generator writes exactly the asked-for counts); a folder without
     ``gen_layout`` predates canonical layouts and matches no current setting: None. Folders written
     before ``holdout`` existed kept the colour-shape pairs out (``pairs``); before ``caption_order``,
-    captions listed objects in the scene's order (``scene``)."""
+    captions listed objects in the scene's order (``scene``); before ``add_layout``, "add" edits put the
+    new object at random (``random``)."""
     if isinstance(meta.get("settings"), dict):
-        return {"holdout": "pairs", "caption_order": "scene", **meta["settings"]}
+        return {"holdout": "pairs", "caption_order": "scene", "add_layout": "random", **meta["settings"]}
     counts = meta.get("counts")
     if not isinstance(counts, dict) or any(k not in meta for k in ("seed", "size", "gen_layout")):
         return None
     if any(c not in counts for c in _COUNT_KEYS.values()):
         return None
     derived = {k: meta[k] for k in ("size", "seed", "gen_layout")}
-    derived |= {"holdout": "pairs", "caption_order": "scene"}
+    derived |= {"holdout": "pairs", "caption_order": "scene", "add_layout": "random"}
     derived.update({k: counts[c] for k, c in _COUNT_KEYS.items()})
     return {k: derived[k] for k in SETTINGS}
 
@@ -657,6 +690,7 @@ def write_shapes_dataset(
     gen_layout: str = "canonical",
     holdout: str = "captions",
     caption_order: str = "scene",
+    add_layout: str = "canonical",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``.
@@ -664,11 +698,15 @@ def write_shapes_dataset(
     ``holdout`` (:class:`Holdout`): ``captions`` keeps the captions :func:`is_held_out_caption` picks out
     of ``gen.jsonl`` and writes ``heldout_gen.jsonl`` from them; ``pairs`` keeps three colour-shape
     pairs and four-of-a-shape out of every training file and writes ``heldout_gen.jsonl`` from those.
-    ``caption_order`` (``CAPTION_ORDERS``): the order ``und.jsonl``'s captions list objects in."""
+    ``caption_order`` (``CAPTION_ORDERS``): the order ``und.jsonl``'s captions list objects in.
+    ``add_layout`` (``ADD_LAYOUTS``): where ``edit.jsonl``'s "add" edits put the new object
+    (:func:`edit_pair`); no other file depends on it."""
     rule = Holdout.named(holdout)
     check_caption_order(caption_order)  # before anything is written
     if gen_layout not in ("canonical", "random"):
         raise ValueError(f"gen_layout={gen_layout!r}: choose 'canonical' or 'random'")
+    if add_layout not in ADD_LAYOUTS:
+        raise ValueError(f"add_layout={add_layout!r}: choose {' or '.join(map(repr, ADD_LAYOUTS))}")
     if not 32 <= size <= 512:
         raise ValueError(f"size={size}: ShapesWorld renders 32 to 512 px")
     for name, n in (("n_und", n_und), ("n_gen", n_gen), ("n_edit", n_edit), ("n_interleaved", n_interleaved),
@@ -707,8 +745,8 @@ def write_shapes_dataset(
         for i in range(n_edit):
             op = EDIT_OPS[i % len(EDIT_OPS)]
             source, target, instruction = _resample(
-                rng, lambda op=op: edit_pair(rng, op, rule), lambda r: r is not None and rule.scene_ok(r[1]),
-                op,
+                rng, lambda op=op: edit_pair(rng, op, rule, add_layout),
+                lambda r: r is not None and rule.scene_ok(r[1]), op,
             )  # fmt: skip
             images = [
                 w.image(source, f"images/edit/{i:06d}_src.png"),
@@ -801,7 +839,7 @@ def write_shapes_dataset(
     settings = {
         "size": size, "n_und": n_und, "n_gen": n_gen, "n_edit": n_edit, "n_interleaved": n_interleaved,
         "n_heldout": n_heldout, "seed": seed, "gen_layout": gen_layout, "holdout": holdout,
-        "caption_order": caption_order,
+        "caption_order": caption_order, "add_layout": add_layout,
     }  # fmt: skip
     meta = {
         "world": "ShapesWorld",
