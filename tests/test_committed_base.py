@@ -109,6 +109,26 @@ def test_recipe_keys_added_after_the_build_count_as_their_defaults(micro_base, t
         check_base(folder, recipe, ["train.max_steps=4", "trainable.merger=true"])
 
 
+def test_generator_settings_of_files_stage0_never_reads_do_not_count(micro_base):
+    """Stage 0 reads und.jsonl only: where "add" edits put the new object, or how many edits there are,
+    leaves its data byte for byte (FILE_SETTINGS), so the base still matches; a setting und.jsonl
+    depends on does not."""
+    from orion_mllm.train.recipe import load_recipe
+    from orion_mllm.workflow.committed_base import unread_data_settings
+
+    folder, recipe = micro_base / "micro", [recipe_path("micro", "stage0_base")]
+    base = ["train.max_steps=4"]
+    ignored = unread_data_settings(load_recipe(recipe[0], base))
+    assert "shapes_data.add_layout" in ignored and "shapes_data.n_edit" in ignored
+    assert not {"shapes_data.n_und", "shapes_data.caption_order", "shapes_data.seed"} & set(ignored)
+    assert check_base(folder, recipe, [*base, "shapes_data.add_layout=canonical", "shapes_data.n_edit=7"])
+    with pytest.raises(BaseMismatch, match=r"shapes_data\.caption_order"):
+        check_base(folder, recipe, [*base, "shapes_data.caption_order=split"])
+    # A stage that reads edit.jsonl depends on it.
+    stage3 = load_recipe(recipe_path("micro", "stage3_sft"), [])
+    assert "shapes_data.add_layout" not in unread_data_settings(stage3)
+
+
 def test_a_base_of_another_shape_than_its_preset_is_refused(micro_base, tmp_path):
     """A preset's architecture is code, not recipe: a base built before the preset changed (here one
     more key/value head) passes the recipe check yet must be refused by name."""

@@ -417,3 +417,35 @@ def test_add_layout_names_agree_in_generator_recipe_and_cli():
         parser = sub.choices[name]
     option = next(a for a in parser._actions if a.dest == "add_layout")
     assert set(option.choices) == set(ADD_LAYOUTS) and option.default == "canonical"
+
+
+def test_each_file_depends_only_on_its_recorded_settings(dataset, tmp_path):
+    """``FILE_SETTINGS``: changing a setting a file is not listed under leaves the file and its pictures
+    byte for byte (what lets a committed base ignore settings its data never read)."""
+    from orion_mllm.data.shapes.datasets import FILE_SETTINGS, SETTINGS
+
+    base = {"size": 64, "seed": 3, "gen_layout": "canonical", "holdout": "captions", "caption_order": "scene",
+            "add_layout": "canonical", **SMALL}  # fmt: skip
+    assert set(base) == set(SETTINGS)
+    other = {"size": 48, "seed": 4, "gen_layout": "random", "holdout": "pairs", "caption_order": "split",
+             "add_layout": "random", "n_und": 61, "n_gen": 61, "n_edit": 26, "n_interleaved": 11,
+             "n_heldout": 11}  # fmt: skip
+
+    def contents(root: Path, name: str) -> list[tuple[str, list[str]]]:
+        out = []
+        for line in (root / name).read_text().splitlines():
+            rec = json.loads(line)
+            pics = rec.get("images") or [rec["image"]]
+            out.append((line, [hashlib.sha256((root / p).read_bytes()).hexdigest() for p in pics]))
+        return out
+
+    for setting in SETTINGS:
+        changed = tmp_path / setting
+        write_shapes_dataset(changed, progress=False, **{**base, setting: other[setting]})
+        for name, depends in FILE_SETTINGS.items():
+            if setting not in depends:
+                assert contents(changed, name) == contents(dataset, name), (name, setting)
+    # And each listed dependency is real for the file that names a layout or order.
+    assert contents(tmp_path / "caption_order", "und.jsonl") != contents(dataset, "und.jsonl")
+    assert contents(tmp_path / "add_layout", "edit.jsonl") != contents(dataset, "edit.jsonl")
+    assert contents(tmp_path / "gen_layout", "gen.jsonl") != contents(dataset, "gen.jsonl")

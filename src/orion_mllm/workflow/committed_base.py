@@ -70,16 +70,33 @@ def recorded_phases(provenance: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: provenance.get(k) for k in keys}]
 
 
+def unread_data_settings(recipe: Recipe) -> tuple[str, ...]:
+    """The ``shapes_data`` keys (``shapes_data.NAME``) that cannot change any file ``recipe`` reads
+    (its data entries and drift probe; ``FILE_SETTINGS``): e.g. where "add" edits put the new object,
+    for a stage 0 that reads only ``und.jsonl``."""
+    from orion_mllm.data.shapes.datasets import SETTINGS, settings_read_by
+
+    files = [entry.path for entry in recipe.data]
+    if recipe.drift.path is not None:
+        files.append(recipe.drift.path)
+    read = settings_read_by(files)
+    return tuple(f"shapes_data.{k}" for k in SETTINGS if k not in read)
+
+
 def phase_changes(phase: dict[str, Any], recipe_file: Path, overrides: list[str]) -> list[str]:
     """The keys where a recorded phase's recipe differs from ``recipe_file`` + ``overrides``. Keys added
     to recipes since the base was built count as their defaults (as for a resume); every other key
-    counts, the step cap included: the base must be what this stage 0 would train."""
+    counts, the step cap included: the base must be what this stage 0 would train. Only generator
+    settings of files the phase never reads are left out (:func:`unread_data_settings`): the same
+    data, byte for byte, trained it."""
     from orion_mllm.train.trainer import recipe_changes  # the trainer (torch) only when checking
 
     recorded = phase.get("recipe")
     if not isinstance(recorded, dict):
         return ["recipe"]
-    return recipe_changes(recorded, recipe_fingerprint(recipe_file, overrides), Recipe, ignore=())
+    kept = [o for o in overrides if not o.startswith(("data_root=", "model.init="))]
+    ignore = unread_data_settings(load_recipe(recipe_file, kept))
+    return recipe_changes(recorded, recipe_fingerprint(recipe_file, overrides), Recipe, ignore=ignore)
 
 
 def committed_base(preset: str, root: Path | None = None) -> Path | None:

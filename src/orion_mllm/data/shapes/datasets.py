@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -650,6 +650,27 @@ SETTINGS = (
     "size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout", "holdout",
     "caption_order", "add_layout",
 )  # fmt: skip
+# The settings each file depends on (each file has its own random stream, and "draw_ask" is made from
+# gen.jsonl): a run that reads only some files is the same run whatever the other settings say.
+# tests/test_shapes_datasets.py checks that changing any other setting leaves a file byte for byte.
+FILE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "und.jsonl": ("size", "n_und", "seed", "holdout", "caption_order"),
+    "gen.jsonl": ("size", "n_gen", "seed", "gen_layout", "holdout"),
+    "draw_ask.jsonl": ("size", "n_gen", "seed", "gen_layout", "holdout"),
+    "edit.jsonl": ("size", "n_edit", "seed", "holdout", "add_layout"),
+    "interleaved.jsonl": ("size", "n_interleaved", "seed", "holdout"),
+    "heldout_gen.jsonl": ("size", "n_heldout", "seed", "holdout"),
+}
+
+
+def settings_read_by(files: Iterable[str]) -> set[str]:
+    """The generator settings that can change any of ``files`` (all of them for a file not listed)."""
+    wanted: set[str] = set()
+    for name in files:
+        wanted |= set(FILE_SETTINGS.get(Path(name).name, SETTINGS))
+    return wanted
+
+
 # meta.json's ``counts`` key for each count setting (folders written before ``settings`` was recorded)
 _COUNT_KEYS = {"n_und": "und", "n_gen": "gen", "n_edit": "edit", "n_interleaved": "interleaved",
                "n_heldout": "heldout_gen"}  # fmt: skip
