@@ -81,7 +81,7 @@ def test_orion_train_refuses_mismatched_data_with_one_line_exit_2(tmp_path, caps
 def test_older_folders_without_recorded_settings(tmp_path):
     root = tmp_path / "data"
     # Folders from before the hold-out was a setting held the colour-shape pairs out.
-    recipe = _recipe(root, "shapes_data.holdout=pairs")
+    recipe = _recipe(root, "shapes_data.holdout=pairs", "shapes_data.add_layout=random")
     ensure_shapes_data(recipe, progress=False)
     meta = json.loads((root / "meta.json").read_text())
     # Written after gen_layout existed but before settings were recorded: read from its fields.
@@ -161,10 +161,11 @@ def test_a_folder_with_another_add_layout_is_refused(tmp_path):
     ensure_shapes_data(_recipe(root, "shapes_data.add_layout=canonical"), progress=False)
     meta = json.loads((root / "meta.json").read_text())
     assert meta["settings"]["add_layout"] == "canonical"
+    random = "shapes_data.add_layout=random"
     with pytest.raises(SetupError, match=r"add_layout 'canonical' vs recipe 'random'"):
-        ensure_shapes_data(_recipe(root), progress=False)
+        ensure_shapes_data(_recipe(root, random), progress=False)
     # Folders written before the setting existed placed added objects at random.
     del meta["settings"]["add_layout"]
     assert recorded_settings(meta)["add_layout"] == "random"
     (root / "meta.json").write_text(json.dumps(meta))
-    assert ensure_shapes_data(_recipe(root), progress=False) == root
+    assert ensure_shapes_data(_recipe(root, random), progress=False) == root

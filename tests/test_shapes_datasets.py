@@ -340,22 +340,29 @@ def test_caption_order_options(dataset, tmp_path):
         write_shapes_dataset(tmp_path / "bad", size=64, seed=3, progress=False, caption_order="size", **SMALL)
 
 
-def test_caption_order_names_agree_in_generator_recipe_and_cli():
+def _names_agree(setting: str, names: tuple[str, ...], recipe_default: str, cli_default: str) -> None:
+    """A generator setting's names are the same in the generator, the recipe schema and `orion data
+    shapes`, with the given defaults."""
     import argparse
     import typing
 
     from orion_mllm.cli import build_parser
-    from orion_mllm.data.shapes.datasets import CAPTION_ORDERS
     from orion_mllm.train.recipe import ShapesDataSection
 
-    field = ShapesDataSection.model_fields["caption_order"]
-    assert set(typing.get_args(field.annotation)) == set(CAPTION_ORDERS) and field.default == "scene"
+    field = ShapesDataSection.model_fields[setting]
+    assert set(typing.get_args(field.annotation)) == set(names) and field.default == recipe_default
     parser = build_parser()
     for name in ("data", "shapes"):
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = sub.choices[name]
-    option = next(a for a in parser._actions if a.dest == "caption_order")
-    assert set(option.choices) == set(CAPTION_ORDERS) and option.default == "scene"
+    option = next(a for a in parser._actions if a.dest == setting)
+    assert set(option.choices) == set(names) and option.default == cli_default
+
+
+def test_caption_order_names_agree_in_generator_recipe_and_cli():
+    from orion_mllm.data.shapes.datasets import CAPTION_ORDERS
+
+    _names_agree("caption_order", CAPTION_ORDERS, "scene", "scene")
 
 
 def test_canonical_add_places_the_new_object_by_rule(dataset, tmp_path):
@@ -401,22 +408,10 @@ def test_canonical_add_places_the_new_object_by_rule(dataset, tmp_path):
 
 
 def test_add_layout_names_agree_in_generator_recipe_and_cli():
-    import argparse
-    import typing
-
-    from orion_mllm.cli import build_parser
     from orion_mllm.data.shapes.datasets import ADD_LAYOUTS
-    from orion_mllm.train.recipe import ShapesDataSection
 
-    field = ShapesDataSection.model_fields["add_layout"]
     # A recipe that does not say means the folders before the option (random); the CLI writes canonical.
-    assert set(typing.get_args(field.annotation)) == set(ADD_LAYOUTS) and field.default == "random"
-    parser = build_parser()
-    for name in ("data", "shapes"):
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[name]
-    option = next(a for a in parser._actions if a.dest == "add_layout")
-    assert set(option.choices) == set(ADD_LAYOUTS) and option.default == "canonical"
+    _names_agree("add_layout", ADD_LAYOUTS, "random", "canonical")
 
 
 def test_each_file_depends_only_on_its_recorded_settings(dataset, tmp_path):
