@@ -51,14 +51,23 @@ def bases_root() -> Path:
     return Path(__file__).resolve().parents[3] / "bases"
 
 
+def _compared_recipe(recipe_file: Path, overrides: list[str]) -> Recipe:
+    """The recipe as the trainer would run it, without a ``data_root`` or ``model.init`` override."""
+    kept = [o for o in overrides if not o.startswith(("data_root=", "model.init="))]
+    return load_recipe(recipe_file, kept)
+
+
+def _fingerprint(recipe: Recipe) -> dict[str, Any]:
+    dumped = recipe.model_dump(mode="json")
+    dumped.pop("data_root", None)
+    return dumped
+
+
 def recipe_fingerprint(recipe_file: Path, overrides: list[str]) -> dict[str, Any]:
     """The resolved recipe as the trainer would run it, without ``data_root`` (where the data is
     written does not change it: the data's settings are in ``shapes_data``) and without a
     ``model.init`` override (a later stage-0 phase starts from the previous phase, wherever it ran)."""
-    kept = [o for o in overrides if not o.startswith(("data_root=", "model.init="))]
-    dumped = load_recipe(recipe_file, kept).model_dump(mode="json")
-    dumped.pop("data_root", None)
-    return dumped
+    return _fingerprint(_compared_recipe(recipe_file, overrides))
 
 
 def recorded_phases(provenance: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,9 +103,8 @@ def phase_changes(phase: dict[str, Any], recipe_file: Path, overrides: list[str]
     recorded = phase.get("recipe")
     if not isinstance(recorded, dict):
         return ["recipe"]
-    kept = [o for o in overrides if not o.startswith(("data_root=", "model.init="))]
-    ignore = unread_data_settings(load_recipe(recipe_file, kept))
-    return recipe_changes(recorded, recipe_fingerprint(recipe_file, overrides), Recipe, ignore=ignore)
+    recipe = _compared_recipe(recipe_file, overrides)
+    return recipe_changes(recorded, _fingerprint(recipe), Recipe, ignore=unread_data_settings(recipe))
 
 
 def committed_base(preset: str, root: Path | None = None) -> Path | None:

@@ -380,7 +380,7 @@ def _fits_all(objs: list[ShapeObject]) -> bool:
 
 # Where ``add_layout="canonical"`` puts an added object: the first of these places where a small one
 # fits beside the source's objects: the centre, then a 7 x 7 grid row by row from the top left (a free
-# place exists for 99% of ShapesWorld's add edits).
+# place exists for 396 of 400 tiny add edits: benchmarks/add_slots.py).
 _ADD_GRID = (0.17, 0.28, 0.39, 0.5, 0.61, 0.72, 0.83)
 _ADD_SLOTS = ((0.5, 0.5), *((x, y) for y in _ADD_GRID for x in _ADD_GRID))
 ADD_LAYOUTS = ("canonical", "random")
