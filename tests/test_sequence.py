@@ -135,6 +135,44 @@ def test_multi_image_multi_turn_edit(builder, micro_model, images):
     assert supervised_text(builder, enc) == "Different.<|im_end|><|vision_start|><|vision_end|><|im_end|>"
 
 
+def test_unregressed_pictures_are_context_only(builder, micro_model, images):
+    """regress_images=False (a data entry's ``regress_images: false``): the same tokens, labels, pixels
+    and generation grid, but no visual targets (so no MSE, KL, input noise) and no edit source."""
+    draw_ask = [
+        {"role": "user", "content": "Make a picture of some shapes."},
+        {"role": "assistant", "content": [{"type": "image", "image": images["red_circle"]}]},
+        {"role": "user", "content": "How many circles are there?"},
+        {"role": "assistant", "content": "1"},
+    ]
+    side = micro_model.config.image_spec.gen_image_size  # an edit's source has the generation grid
+    edit = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": images["red_circle"].resize((side, side))},
+                {"type": "text", "text": "Make it blue."},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "image", "image": images["blue_square"]}]},
+    ]
+    for conv in (draw_ask, edit):
+        kept = encode_record(builder, conv)
+        context = encode_record(builder, conv, regress_images=False)
+        assert kept.visual_positions.numel() == micro_model.config.image_spec.gen_num_tokens
+        assert context.visual_positions.numel() == 0 and context.visual_target_index.numel() == 0
+        assert context.visual_source_index is None
+        for name in (
+            "input_ids",
+            "labels",
+            "position_ids",
+            "pixel_values",
+            "image_grid_thw",
+            "image_is_target",
+        ):
+            assert torch.equal(getattr(kept, name), getattr(context, name)), name
+    assert encode_record(builder, edit).visual_source_index is not None
+
+
 def test_mrope_positions_follow_rope_index_rules(builder, micro_model, images):
     conv = [
         {

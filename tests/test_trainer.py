@@ -503,6 +503,48 @@ def test_records_with_wrong_types_or_bomb_images_are_bad_samples(tmp_path, micro
     assert "got int" in reasons and "cannot read image" in reasons and "is a directory" in reasons
 
 
+def test_a_data_entrys_regress_images_reaches_the_step(tmp_path, micro_model, images):
+    """``regress_images: false`` on one data entry: its assistant pictures give the step no visual
+    targets (no MSE / KL / noise), the other entry's still do, and the recipe validates the key."""
+    from orion_mllm.data.entries import DatasetEntry
+    from orion_mllm.data.mixture import MixtureSampler
+    from orion_mllm.data.sources import open_dataset
+    from orion_mllm.train.batches import StepLoader
+
+    images["red_circle"].save(tmp_path / "c.png")
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Make a picture of some shapes."}, {"from": "gpt", "value": "<image>"},
+            {"from": "human", "value": "How many circles are there?"}, {"from": "gpt", "value": "1"},
+        ],
+        "image": "c.png",
+    }  # fmt: skip
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    entries = [
+        DatasetEntry(name="kept", path="d.jsonl", task="mixed", weight=1),
+        DatasetEntry(name="context", path="d.jsonl", task="mixed", weight=1, regress_images=False),
+    ]
+    sources = [open_dataset(e, tmp_path) for e in entries]
+    loader = StepLoader(
+        sources, MixtureSampler([1, 1], [1.0, 1.0], seed=0), micro_model.sequence_builder(),
+        global_batch_size=2, rank=0, world_size=1, packing=False, pack_tokens=512, micro_batch_size=1,
+        pad_token_id=0,
+        regress_images=[e.regress_images for e in entries],
+    )  # fmt: skip
+    n = micro_model.config.image_spec.gen_num_tokens
+    assert loader.encode(0, 0).visual_positions.numel() == n
+    assert loader.encode(1, 0).visual_positions.numel() == 0
+    with pytest.raises(ValueError, match="regress_images"):
+        DatasetEntry(name="x", path="d.jsonl", task="mixed", weight=1, regress_images="sometimes")
+    with pytest.raises(ValueError, match="2 flags for 1 datasets"):
+        StepLoader(
+            sources[:1], MixtureSampler([1], [1.0], seed=0), micro_model.sequence_builder(),
+            global_batch_size=1, rank=0, world_size=1, packing=False, pack_tokens=512, micro_batch_size=1,
+            pad_token_id=0,
+            regress_images=[True, False],
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------ MSE in units of the targets' variance
 
 

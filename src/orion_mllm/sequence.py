@@ -221,9 +221,18 @@ class SequenceBuilder:
     # -- text
 
     def encode(
-        self, conversation: Any, record_id: str = "", *, add_generation_prompt: bool = False
+        self,
+        conversation: Any,
+        record_id: str = "",
+        *,
+        add_generation_prompt: bool = False,
+        regress_images: bool = True,
     ) -> EncodedConversation:
-        """Encode one record. ``add_generation_prompt`` appends an open assistant turn (inference)."""
+        """Encode one record. ``add_generation_prompt`` appends an open assistant turn (inference).
+        ``regress_images`` False: the assistant's pictures stay generated pictures (generation grid,
+        ``<|vision_start|>`` ... ``<|vision_end|>``, read by later turns) but regress nothing (no
+        ``visual_positions``, so no MSE, KL, input noise or edit source): for dialogues whose request
+        does not determine the picture (a draw-then-ask dialogue's "Make a picture of some shapes.")."""
         where = f"record {record_id}" if record_id else "conversation"
         messages = as_messages(conversation, where)
         images = [
@@ -275,9 +284,10 @@ class SequenceBuilder:
         position_ids = torch.cat([torch.arange(seq_len).view(1, -1), rope], dim=0)
         rope_delta = int(rope.max()) + 1 - seq_len if seq_len else 0
 
-        visual_positions, visual_index = self._visual_targets(input_ids, images, tokens_per_image)
+        regressed = images if regress_images else [(image, False) for image, _ in images]
+        visual_positions, visual_index = self._visual_targets(input_ids, regressed, tokens_per_image)
         sources, reply_source = edit_sources(messages, grid, add_generation_prompt=add_generation_prompt)
-        source_index = _source_index(sources, images, tokens_per_image)
+        source_index = _source_index(sources, regressed, tokens_per_image)
         return EncodedConversation(
             input_ids=input_ids,
             labels=labels,
@@ -364,7 +374,7 @@ def _source_index(
     sources: list[int | None], images: list[tuple[Any, bool]], tokens_per_image: list[int]
 ) -> torch.Tensor | None:
     """``visual_source_index`` in the order of ``_visual_targets`` (target images in order), or None
-    when no target image has a source."""
+    when no target image has a source (or no image is a target)."""
     if not any(s is not None for s in sources):
         return None
     offsets = [0]
@@ -381,7 +391,7 @@ def _source_index(
             if src is None
             else torch.arange(offsets[src], offsets[src] + n)
         )
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else None  # no regressed image: nothing to carry
 
 
 def _template_message(message: Message) -> dict[str, Any]:

@@ -22,6 +22,13 @@ class DatasetEntry(BaseModel):
     task: Literal["understanding", "generation", "editing", "mixed"]
     weight: float = Field(gt=0, description="relative sampling weight within the mixture")
     image_root: str | None = None
+    regress_images: bool = Field(
+        default=True,
+        description="false: the assistant's pictures are context for later turns and regress nothing (no "
+        "MSE / KL / input noise); for dialogues whose request does not determine the picture, such as "
+        "ShapesWorld's draw-then-ask ('Make a picture of some shapes.'), whose regression would teach the "
+        "mean picture",
+    )
     qtypes: tuple[str, ...] | None = Field(
         default=None,
         min_length=1,

@@ -136,8 +136,16 @@ def parse_conversation(record: Any, record_id: str = "") -> list[Message]:
 
 
 def encode_record(
-    builder: SequenceBuilder, record: Any, record_id: str = "", *, add_generation_prompt: bool = False
+    builder: SequenceBuilder,
+    record: Any,
+    record_id: str = "",
+    *,
+    add_generation_prompt: bool = False,
+    regress_images: bool = True,
 ) -> EncodedConversation:
-    """Parse a record of any accepted shape and encode it (``builder.encode`` takes parsed messages)."""
+    """Parse a record of any accepted shape and encode it (``builder.encode`` takes parsed messages;
+    ``regress_images``: see it)."""
     messages = parse_conversation(record, record_id)
-    return builder.encode(messages, record_id, add_generation_prompt=add_generation_prompt)
+    return builder.encode(
+        messages, record_id, add_generation_prompt=add_generation_prompt, regress_images=regress_images
+    )

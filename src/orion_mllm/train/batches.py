@@ -95,6 +95,7 @@ class StepLoader:
         pad_token_id: int,
         prompt_dropout: float = 0.0,
         seed: int = 0,
+        regress_images: Sequence[bool] | None = None,
     ) -> None:
         if global_batch_size < world_size:
             raise ValueError(
@@ -112,6 +113,14 @@ class StepLoader:
         self.pad_token_id = pad_token_id
         self.prompt_dropout = prompt_dropout
         self.seed = seed
+        # Per source: whether its assistant pictures are regressed (DatasetEntry.regress_images).
+        self.regress_images = (
+            list(regress_images) if regress_images is not None else [True] * len(self.sources)
+        )
+        if len(self.regress_images) != len(self.sources):
+            raise ValueError(
+                f"regress_images: {len(self.regress_images)} flags for {len(self.sources)} datasets"
+            )
 
     def positions(self, step: int) -> list[tuple[int, int]]:
         picks = self.sampler.take(step * self.global_batch_size, self.global_batch_size)
@@ -127,7 +136,9 @@ class StepLoader:
             record = raw.record
             if self.prompt_dropout > 0 and dropout_rng(self.seed, slot).random() < self.prompt_dropout:
                 record = drop_prompt(record, raw.source) or record
-            encoded = encode_record(self.builder, record, record_id=raw.source)
+            encoded = encode_record(
+                self.builder, record, record_id=raw.source, regress_images=self.regress_images[dataset]
+            )
         except BAD_RECORD_ERRORS as err:
             return BadSample(where, f"{type(err).__name__}: {err}")
         if self.packing and len(encoded) > self.pack_tokens:

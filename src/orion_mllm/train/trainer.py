@@ -277,6 +277,7 @@ class Trainer(RunLoop):
             pad_token_id=pad_id,
             prompt_dropout=r.train.prompt_dropout,
             seed=r.train.seed,
+            regress_images=[entry.regress_images for entry in r.data],
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in trainable)
@@ -361,6 +362,7 @@ class Trainer(RunLoop):
             sources, sampler, model.sequence_builder(), global_batch_size=r.train.global_batch_size,
             rank=self.dist.rank, world_size=self.dist.world_size, packing=r.train.packing,
             pack_tokens=r.train.pack_tokens, micro_batch_size=r.train.micro_batch_size, pad_token_id=pad_id,
+            regress_images=[entry.regress_images for entry in r.data],
         )  # fmt: skip
         with torch.random.fork_rng(devices=[]):  # the measurement must not move the training RNG
             var, images = target_token_variance(model, loader, self.dist)
