@@ -171,7 +171,8 @@ def test_resumes_a_checkpoint_written_before_the_run_loop(tmp_path, capsys, monk
         visual_input_noise_schedule="str", mse_normalize="bool", prompt_dropout="float", ce_weighting="str"
     )
     for entry in old["trainer_state"]["recipe"]["data"]:  # and each data entry its question-type selection
-        entry["qtypes"] = "NoneType"
+        entry["qtypes"] = "NoneType"  # and whether its pictures are regressed (regress_images, session 14)
+        entry["regress_images"] = "bool"
     assert checkpoint_format(ckpt.checkpoint_dir(run, 4)) == old
 
 
