@@ -49,23 +49,6 @@ def question_first_turns(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def session_anywhere(image, turns):
-    """A chat session from LLaVA turns whose first human turn holds the picture's placeholder anywhere."""
-    from orion_mllm.inference.session import ChatSession, UserImage
-
-    session = ChatSession()
-    for k, turn in enumerate(turns):
-        role = "user" if turn["from"] == "human" else "assistant"
-        text = turn["value"]
-        if k == 0 and IMAGE in text:
-            before, after = text.split(IMAGE, 1)
-            parts = [p for p in (before.rstrip("\n"), UserImage(image), after.lstrip("\n")) if p != ""]
-            session.add(role, parts)
-        else:
-            session.add(role, [text])
-    return session
-
-
 def reasoned_mcq_answer(record: dict[str, Any], style: str = "short") -> str:
     """``short``: ``Red, so B.`` (the colour as colour answers write it, then the letter). ``sentence``:
     ``The star is red, so B.``, whose colour word is the very token the options hold (" red"), so the
@@ -102,7 +85,7 @@ def rewrite(src: Path, dst: Path, question_first: bool, mcq_reasoned: str | None
 def evaluate(
     model: Path, data: Path, n: int, order: str, show: int = 0, qtype: str | None = None
 ) -> dict[str, float]:
-    from orion_mllm.eval import model_eval, shapes_und_edit
+    from orion_mllm.eval import shapes_und_edit
     from orion_mllm.eval.model_eval import answer_many, read_jsonl
     from orion_mllm.inference.pipeline import OrionPipeline
 
@@ -111,9 +94,6 @@ def evaluate(
     if order == "first":
         questions = [{**q, "turns": question_first_turns(q["turns"])} for q in questions]
     pipe = OrionPipeline.load(model)
-    # answer_many builds each chat with model_eval.session_from_turns, which reads a picture only at the
-    # start of the first turn: here the picture goes where the turn's placeholder is.
-    model_eval.session_from_turns = session_anywhere
     answers = answer_many(pipe, [(data / q["image"], q["turns"]) for q in questions], desc="shapes-und")
     judged = [(q, shapes_und_edit.answer_is_right(q, a)) for q, a in zip(questions, answers, strict=True)]
     if show:

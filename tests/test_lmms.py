@@ -58,6 +58,20 @@ def test_chat_messages_build_the_prompt_shapes_und_builds(micro_dir, eval_folder
         assert pipe.prompt(session).input_ids.tolist() == pipe.prompt(ours).input_ids.tolist()
 
 
+def test_a_turn_puts_the_picture_where_its_placeholder_is():
+    """``<image>\nQ`` gives picture then text (as ShapesWorld writes); ``Q\n<image>`` keeps the text,
+    newline included, before the picture (benchmarks/und_format.py asks that way)."""
+    from PIL import Image
+
+    from orion_mllm.inference.session import UserImage
+
+    image = Image.new("RGB", (8, 8))
+    first = session_from_turns(image, [{"from": "human", "value": "<image>\nWhat colour?"}]).turns[0].parts
+    after = session_from_turns(image, [{"from": "human", "value": "What colour?\n<image>"}]).turns[0].parts
+    assert isinstance(first[0], UserImage) and first[1] == "What colour?"
+    assert after[0] == "What colour?\n" and isinstance(after[1], UserImage) and after[2] == ""
+
+
 def test_the_aggregation_is_circular_for_multiple_choice():
     items = [
         {"qtype": "mcq", "group": "r1/mcq", "right": True},

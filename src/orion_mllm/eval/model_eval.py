@@ -88,13 +88,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def session_from_turns(image: Image.Image, turns: Sequence[dict[str, str]]) -> ChatSession:
-    """A chat session from LLaVA-form turns whose first human turn starts with ``<image>``."""
+    """A chat session from LLaVA-form turns whose first human turn holds ``<image>``: at its start
+    (``<image>\nQ``, as ShapesWorld writes) or anywhere else (``Q\n<image>``: the text before it is
+    kept as written, so the prompt reads as the record does)."""
     session = ChatSession()
     for k, turn in enumerate(turns):
         role = "user" if turn["from"] == "human" else "assistant"
         text = turn["value"]
-        if k == 0 and text.startswith(IMAGE_PLACEHOLDER):
-            session.add(role, [UserImage(image), text.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")])
+        if k == 0 and IMAGE_PLACEHOLDER in text:
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+            session.add(role, [*([before] if before else []), UserImage(image), after.lstrip("\n")])
         else:
             session.add(role, [text])
     return session
