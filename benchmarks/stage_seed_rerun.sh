@@ -5,6 +5,7 @@
 #   DATA: the ShapesWorld folder to train on (default QS/data/shapes-tiny; a missing one is generated),
 #   e.g. to retrain QS's base with data of today's generator. HOLDOUT=pairs: the hold-out of quickstarts
 #   from before session 7 of issue 16 (their data folders are refused under today's `holdout: captions`).
+#   LATE="KEY=VALUE ...": recipe overrides for stages 2 and 3 only (e.g. a higher visual_input_noise).
 # train.seed sets the head's initialisation, the data order and the noise/dropout draws. Prints the
 # two evaluations' JSON (shapes-gen with the unseen split, then shapes-und) last.
 set -euo pipefail
@@ -15,8 +16,9 @@ mkdir -p "$out"
 # The base as a finished sibling run, so stage 1's `init: previous` finds it as it does in the quickstart.
 [ -d "$out/stage0_base" ] || cp -r "$qs/stage0_base" "$out/stage0_base"
 for stage in stage1_warmup stage2_pretrain stage3_sft; do
+  late=(); [ "$stage" = stage1_warmup ] || read -ra late <<< "${LATE:-}"
   $orion train recipes/shapes/tiny/$stage.yaml --output "$out/$stage" data_root="$data" train.seed="$seed" \
-    ${HOLDOUT:+shapes_data.holdout=$HOLDOUT}
+    ${HOLDOUT:+shapes_data.holdout=$HOLDOUT} "${late[@]}"
 done
 model=$out/model
 if [ ! -d "$model/decoder" ]; then
