@@ -30,6 +30,9 @@ from torch import nn
 
 DECODER_CONFIG = "decoder_config.json"
 DECODER_WEIGHTS = "decoder.safetensors"
+NETWORK_WEIGHTS = "network.safetensors"  # the weights but the coarse map (save_network)
+# The coarse map's tensors (``coarse_rank`` > 0): fitted in closed form, never by the optimiser.
+COARSE_KEYS = ("coarse_token_mean", "coarse_in.weight", "coarse_out.weight", "coarse_out.bias")
 SAMPLE_PREDICTION_MIN_T = 0.05
 MAX_COARSE_FEATURES = 16384
 
@@ -400,6 +403,31 @@ class OrionDecoder(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
+
+    def network_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the optimiser trains: everything but the coarse map (``COARSE_KEYS``), which is a
+        closed-form function of the tokens and images it is fitted on (``decoder/coarse.py``)."""
+        return {k: v for k, v in self.trainable_state_dict().items() if k not in COARSE_KEYS}
+
+    def save_network(self, path: str | Path) -> Path:
+        """``network_state_dict`` as one safetensors file (what a committed decoder keeps in git)."""
+        file = Path(path)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.network_state_dict().items()}
+        tmp = file.with_name(file.name + ".tmp")
+        save_file(state, tmp)
+        tmp.replace(file)
+        return file
+
+    def load_network(self, path: str | Path) -> None:
+        """Load weights written by :meth:`save_network` (the coarse map is left as it is: fit it after);
+        a file holding other keys or missing some is refused, naming them."""
+        file = Path(path)
+        state = load_file(file)
+        wanted = set(self.network_state_dict())
+        missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+        if missing or unexpected:
+            raise ValueError(f"{file}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict(state, strict=False)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """``decoder_config.json`` + ``decoder.safetensors`` (+ ``vae/`` in diffusers format)."""

@@ -15,6 +15,7 @@ One process (the decoder is small next to the LLM); multi-process decoder traini
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from orion_mllm.data.records import parse_conversation
 from orion_mllm.data.sources import DataError
 from orion_mllm.decoder.coarse import CoarseFit
 from orion_mllm.decoder.flow import flow_matching_loss
-from orion_mllm.decoder.model import OrionDecoder, decoder_preset
+from orion_mllm.decoder.model import DECODER_CONFIG, NETWORK_WEIGHTS, OrionDecoder, decoder_preset
 from orion_mllm.images import ImageLoadError, load_image, resize_for_generation
 from orion_mllm.model.backbone import build_backbone, encode_images, load_backbone
 from orion_mllm.sequence import ConversationError, ImagePart
@@ -153,14 +154,10 @@ class DecoderTrainer(RunLoop):
             flush=True,
         )
 
-    def run(self) -> Path:
+    def _build_decoder(self, encoder_path: str) -> OrionDecoder:
+        """The recipe's decoder (seeded initialisation) for ``encoder_path``'s tokens, its coarse map not
+        yet fitted; sets ``self.encoder``."""
         r, d = self.recipe, self.dist
-        info = self._prepare_run_dir()
-        if info.get("status") == "finished":
-            self._log(f"{self.run_dir} already finished: nothing to do")
-            return self.run_dir / FINAL_MODEL
-        encoder_path = info["encoder"]
-
         torch.manual_seed(r.train.seed)
         self.encoder = TokenEncoder(encoder_path, r, d.device)
         spec = self.encoder.spec
@@ -181,7 +178,56 @@ class DecoderTrainer(RunLoop):
             if v is not None
         }  # fmt: skip
         cfg = dataclasses.replace(cfg, extra=extra, **overrides)
-        decoder = OrionDecoder(cfg).to(d.device)
+        return OrionDecoder(cfg).to(d.device)
+
+    def run_from_network(self, network_dir: Path) -> Path:
+        """Finish this run without training: the diffusion network comes from ``network_dir`` (its
+        ``decoder_config.json`` and the weights ``OrionDecoder.save_network`` wrote to
+        ``network.safetensors``; e.g. a committed decoder, trained by this recipe on the same encoder) and
+        only the coarse map is fitted, exactly as :meth:`run` fits it before its first step. The coarse
+        map never changes in training (nor its EMA copy), so the result is the trained decoder up to the
+        fit's arithmetic. A network whose config differs from the one this recipe builds is refused,
+        naming the keys."""
+        info = self._prepare_run_dir()
+        if info.get("status") == "finished":
+            self._log(f"{self.run_dir} already finished: nothing to do")
+            return self.run_dir / FINAL_MODEL
+        decoder = self._build_decoder(info["encoder"])
+        cfg_file = Path(network_dir) / DECODER_CONFIG
+        try:
+            saved = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SetupError(f"{cfg_file}: unreadable ({err})") from None
+        built = decoder.config.to_dict()
+        # Where the encoder was when the network was trained does not change it (checked by its caller).
+        changed = sorted(
+            k for k in set(saved) | set(built) if k != "extra" and saved.get(k) != built.get(k)
+        ) + sorted(
+            f"extra.{k}" for k in set(saved.get("extra", {})) | set(built["extra"])
+            if k != "encoder" and saved.get("extra", {}).get(k) != built["extra"].get(k)
+        )  # fmt: skip
+        if changed:
+            raise SetupError(
+                f"{cfg_file}: built otherwise than this recipe's decoder "
+                f"(differs at {', '.join(changed[:4])})"
+            )
+        decoder.load_network(Path(network_dir) / NETWORK_WEIGHTS)
+        if decoder.config.coarse_rank:
+            self._fit_coarse(decoder, *open_mixture(self.recipe))
+        final = self.run_dir / FINAL_MODEL
+        decoder.eval().save_pretrained(final)
+        self._mark_finished(info, 0, network=str(Path(network_dir).resolve()))
+        self._log(f"exported {final} (network from {network_dir}, coarse map fitted here)")
+        return final
+
+    def run(self) -> Path:
+        r = self.recipe
+        info = self._prepare_run_dir()
+        if info.get("status") == "finished":
+            self._log(f"{self.run_dir} already finished: nothing to do")
+            return self.run_dir / FINAL_MODEL
+        decoder = self._build_decoder(info["encoder"])
+        cfg = decoder.config
         decoder.train()
         sources, sampler = open_mixture(r)
         latest = ckpt.latest_checkpoint(self.run_dir)

@@ -204,14 +204,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _repo_relative(path: Path) -> str:
+def repo_relative(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(bases_root().parent))
     except ValueError:
         return str(path.resolve())
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=bases_root().parent, capture_output=True, text=True, check=True
@@ -285,7 +285,7 @@ def build_base(
     phases = list(reused)
     for recipe_file, phase_dir in list(zip(recipe_files, dirs, strict=True))[len(reused) :]:
         phases.append({
-            "recipe_file": _repo_relative(recipe_file),
+            "recipe_file": repo_relative(recipe_file),
             "recipe": recipe_fingerprint(recipe_file, phase_overrides(recipe_file)),
             "steps": json.loads((phase_dir / "run.json").read_text()).get("steps"),
         })  # fmt: skip
@@ -293,7 +293,7 @@ def build_base(
         "command": command,
         "phases": phases,
         "seed": recipes[0].train.seed,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         # All phases' training time, the reused ones' as recorded when they were built.
         "wall_seconds": round(seconds + reused_seconds, 1),

@@ -5,10 +5,11 @@
 Steps (each a directory under OUT): ``stage0_base`` (the small base VLM, understanding only, which
 stands in for Qwen2.5-VL's own pretraining and becomes the KL teacher; trained in phases, see
 ``orion_mllm.workflow.stage0``, or copied from the committed base ``bases/PRESET``), ``decoder``
-(the diffusion decoder, trained on the base's frozen visual tokens), ORION's ``stage1_warmup``,
-``stage2_pretrain`` and ``stage3_sft`` (recipes under ``recipes/shapes/PRESET/``), ``model`` (the
-final model directory: stage 3's export with the decoder in ``model/decoder/``, ready for ``orion
-generate/ask/edit/chat/serve``), the evaluations of the base and final models (``eval/``), then
+(the diffusion decoder, trained on the base's frozen visual tokens, or, with the committed base, the
+network committed beside it in ``bases/PRESET/decoder`` with its coarse map fitted here), ORION's
+``stage1_warmup``, ``stage2_pretrain`` and ``stage3_sft`` (recipes under ``recipes/shapes/PRESET/``),
+``model`` (the final model directory: stage 3's export with the decoder in ``model/decoder/``, ready
+for ``orion generate/ask/edit/chat/serve``), the evaluations of the base and final models (``eval/``), then
 ``report.md`` and ``metrics.json``.
 
 Re-running the same command resumes: a finished step is skipped (``quickstart.json`` records what
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from orion_mllm.train.recipe import load_recipe
-from orion_mllm.workflow.committed_base import check_base, committed_base, install_base
+from orion_mllm.workflow.committed_base import BaseMismatch, check_base, committed_base, install_base
+from orion_mllm.workflow.committed_decoder import check_decoder, committed_decoder
 from orion_mllm.workflow.evaluate import EvalSizes, evaluate_model
 from orion_mllm.workflow.stage0 import stage0_recipe_files, train_stage0
 from orion_mllm.workflow.train_stage import step_cap, train_stage
@@ -45,6 +47,9 @@ EVAL_SIZES = {
     "micro": EvalSizes(und=60, edit=40, interleaved=20, gen_per_category=12, drift=16),
     "tiny": EvalSizes(),
 }
+
+# The decoder step with a committed decoder: its data and the coarse map's fit (measured, 2-core CPU).
+COMMITTED_DECODER_S = {"micro": 10, "tiny": 110}
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,9 @@ class Quickstart:
         self.from_scratch = from_scratch
         # The committed stage-0 base this run starts from (None: stage 0 is trained here).
         self.base = None if from_scratch else committed_base(preset, bases)
+        # The decoder committed beside it (None: the decoder is trained here). It was trained on that
+        # base's tokens, so it goes with it.
+        self.base_decoder = None if self.base is None else committed_decoder(preset, bases)
         self.sizes = EVAL_SIZES[preset].limited(eval_limit)
 
     # ------------------------------------------------------------------ state
@@ -172,8 +180,13 @@ class Quickstart:
         return extra + step_cap(recipe, self.max_steps)
 
     def expected_s(self, step: Step) -> float:
-        """The step's measured seconds (for the ETA); copying a committed base takes about one."""
-        return 1.0 if step.name == "stage0_base" and self.base is not None else step.expected_s[self.preset]
+        """The step's measured seconds (for the ETA); copying a committed base takes about one, and a
+        committed decoder leaves its data and coarse fit (``COMMITTED_DECODER_S``)."""
+        if step.name == "stage0_base" and self.base is not None:
+            return 1.0
+        if step.name == "decoder" and self.base_decoder is not None:
+            return COMMITTED_DECODER_S[self.preset]
+        return step.expected_s[self.preset]
 
     def run_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -188,6 +201,11 @@ class Quickstart:
             )
         elif name == "stage0_base":
             train_stage0(self.stage0_recipes, self.run_dir(name), lambda f: self.overrides(f.stem))
+        elif name == "decoder":
+            train_stage(
+                recipe_path(self.preset, name), self.run_dir(name), self.overrides(name),
+                network=self._committed_network(),
+            )  # fmt: skip
         elif name in TRAIN_STAGES:
             train_stage(recipe_path(self.preset, name), self.run_dir(name), self.overrides(name))
         elif name == MODEL_DIR:
@@ -209,6 +227,26 @@ class Quickstart:
             write_report(self)
         else:
             raise AssertionError(name)
+
+    def _committed_network(self) -> Path | None:
+        """The committed decoder's network when it was trained by the tree's decoder recipe on this run's
+        base; else None (the decoder is trained here), saying why."""
+        if self.base_decoder is None:
+            return None
+        try:
+            provenance = check_decoder(
+                self.base_decoder, recipe_path(self.preset, "decoder"), self.overrides("decoder"),
+                self.run_dir("stage0_base") / "final",
+            )  # fmt: skip
+        except BaseMismatch as err:
+            self.log(f"  not using the committed decoder: {err}; training it here (rebuild it: "
+                     "python scripts/build_decoder.py)")  # fmt: skip
+            return None
+        self.log(
+            f"  using the committed decoder {self.base_decoder} ({provenance.get('steps')} steps, "
+            f"{provenance.get('wall_seconds', 0) / 60:.1f} min when built); its coarse map is fitted here"
+        )
+        return self.base_decoder / "final"
 
     @property
     def stage0_recipes(self) -> list[Path]:
