@@ -94,8 +94,8 @@ def add_quickstart(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--from-scratch", action="store_true",
-        help="train the stage-0 base here instead of starting from the one committed in bases/PRESET "
-        "(tiny: adds ~32 min on 2 CPU cores; micro has no committed base and always trains it)",
+        help="train the stage-0 base and the decoder here instead of starting from the ones committed in "
+        "bases/PRESET (tiny: adds ~35 min on 2 CPU cores; micro has none and always trains them)",
     )  # fmt: skip
     workflow_options(p, "quickstart")
     p.set_defaults(func=_cmd_quickstart)
