@@ -48,7 +48,8 @@ EVAL_SIZES = {
     "tiny": EvalSizes(),
 }
 
-# The decoder step with a committed decoder: its data and the coarse map's fit (measured, 2-core CPU).
+# The decoder step with a committed decoder: its data and the coarse map's fit (2-core CPU: tiny 153 s on
+# session 16's slow machine, whose other steps ran ~1.4x the STEPS figures; micro ~10 s in the tests).
 COMMITTED_DECODER_S = {"micro": 10, "tiny": 110}
 
 
