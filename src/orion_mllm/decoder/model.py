@@ -204,6 +204,14 @@ class TokenAdapter(nn.Module):
         return self.norm_out(self.proj_out(self.act(self.norm_in(self.proj_in(tokens)))))
 
 
+def _write_weights(state: dict[str, torch.Tensor], file: Path) -> Path:
+    """``state`` as one safetensors file, written to a temporary name and renamed (never half-written)."""
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+    tmp.replace(file)
+    return file
+
+
 def grid_ids(side: int, span: int, stream: int) -> torch.Tensor:
     """(stream, row, col) ids for a side x side grid spread over ``span`` x ``span`` patch positions."""
     step = span / side
@@ -411,12 +419,7 @@ class OrionDecoder(nn.Module):
 
     def save_network(self, path: str | Path) -> Path:
         """``network_state_dict`` as one safetensors file (what a committed decoder keeps in git)."""
-        file = Path(path)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.network_state_dict().items()}
-        tmp = file.with_name(file.name + ".tmp")
-        save_file(state, tmp)
-        tmp.replace(file)
-        return file
+        return _write_weights(self.network_state_dict(), Path(path))
 
     def load_network(self, path: str | Path) -> None:
         """Load weights written by :meth:`save_network` (the coarse map is left as it is: fit it after);
@@ -433,10 +436,7 @@ class OrionDecoder(nn.Module):
         """``decoder_config.json`` + ``decoder.safetensors`` (+ ``vae/`` in diffusers format)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        tmp = path / (DECODER_WEIGHTS + ".tmp")
-        save_file(state, tmp)
-        tmp.replace(path / DECODER_WEIGHTS)
+        _write_weights(self.trainable_state_dict(), path / DECODER_WEIGHTS)
         if self.vae is not None:
             self.vae.save_pretrained(path / "vae", safe_serialization=True)
         (path / DECODER_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")

@@ -66,6 +66,19 @@ def resolve_encoder(recipe: DecoderRecipe, run_dir: Path) -> str:
     return str(path.resolve())
 
 
+def config_changes(saved: dict[str, Any], built: dict[str, Any]) -> list[str]:
+    """Keys (``extra.NAME`` inside ``extra``) where two decoder configs differ, except ``extra.encoder``:
+    where the encoder was when a network was trained does not change it (its caller checks the encoder)."""
+
+    def flat(config: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in config.items() if k != "extra"}
+        out.update({f"extra.{k}": v for k, v in config.get("extra", {}).items() if k != "encoder"})
+        return out
+
+    a, b = flat(saved), flat(built)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 class TokenEncoder:
     """The frozen vision tower + merger of a Qwen2.5-VL model, as images -> [B, N, d] tokens."""
 
@@ -198,14 +211,7 @@ class DecoderTrainer(RunLoop):
             saved = json.loads(cfg_file.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise SetupError(f"{cfg_file}: unreadable ({err})") from None
-        built = decoder.config.to_dict()
-        # Where the encoder was when the network was trained does not change it (checked by its caller).
-        changed = sorted(
-            k for k in set(saved) | set(built) if k != "extra" and saved.get(k) != built.get(k)
-        ) + sorted(
-            f"extra.{k}" for k in set(saved.get("extra", {})) | set(built["extra"])
-            if k != "encoder" and saved.get("extra", {}).get(k) != built["extra"].get(k)
-        )  # fmt: skip
+        changed = config_changes(saved, decoder.config.to_dict())
         if changed:
             raise SetupError(
                 f"{cfg_file}: built otherwise than this recipe's decoder "

@@ -211,6 +211,12 @@ def repo_relative(path: Path) -> str:
         return str(path.resolve())
 
 
+def machine() -> str:
+    """The machine a committed run was trained on, as its provenance records it."""
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS={threads}"
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -298,8 +304,7 @@ def build_base(
         # All phases' training time, the reused ones' as recorded when they were built.
         "wall_seconds": round(seconds + reused_seconds, 1),
         "wall_seconds_this_build": round(seconds, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "machine": machine(),
         "steps": sum(int(p.get("steps") or 0) for p in phases),
     }
     (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -317,9 +322,12 @@ __all__ = [
     "build_base",
     "check_base",
     "committed_base",
+    "git_commit",
     "install_base",
+    "machine",
     "phase_changes",
     "recipe_fingerprint",
     "recorded_phases",
+    "repo_relative",
     "reusable_phases",
 ]

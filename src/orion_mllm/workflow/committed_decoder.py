@@ -25,8 +25,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from orion_mllm.workflow.committed_base import (
     folder_bytes,
     git_commit,
     install_base,
+    machine,
     read_provenance,
     recipe_fingerprint,
     repo_relative,
@@ -131,13 +130,12 @@ def build_decoder(
         "git_commit": git_commit(),
         "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_seconds": round(seconds, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "machine": machine(),
     }
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # before measuring: a crashed build's copy is not kept
     # The budget covers all the weights kept for a preset: the base and its decoder.
     others = folder_bytes(target.parent) - (folder_bytes(target) if target.is_dir() else 0)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "final").mkdir(parents=True)
     OrionDecoder.from_pretrained(final).save_network(tmp / "final" / NETWORK_WEIGHTS)
     shutil.copy2(final / DECODER_CONFIG, tmp / "final" / DECODER_CONFIG)
