@@ -1,6 +1,8 @@
 """How understanding questions are put and answered: can the tiny LLM do more in another format (issue 16)?
 
-Two formats, each a rewrite of a ShapesWorld folder's ``und.jsonl`` (every other file linked as is):
+Two formats, each a rewrite of a ShapesWorld folder's ``und.jsonl`` (every other file linked as is;
+since session 17 the generator writes both itself: ``shapes_data.question_first`` and
+``mcq_answer: reasoned``, the ``--question-first --mcq-reasoned sentence`` rewrite byte for byte):
 
 - ``--question-first``: in a causal LLM the picture's tokens cannot see a question that comes after
   them, so "What colour is the circle?" must be answered by one retrieval from the answer position:
@@ -33,13 +35,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-IMAGE = "<image>"
+from orion_mllm.data.shapes.datasets import IMAGE_TAG as IMAGE
+from orion_mllm.data.shapes.datasets import ask_about_image, mcq_answer_text, question_of
 
 
 def question_first_turn(value: str) -> str:
     """``<image>\\nQ`` -> ``Q\\n<image>``; a turn in any other form is returned unchanged."""
-    prefix = IMAGE + "\n"
-    return f"{value.removeprefix(prefix)}\n{IMAGE}" if value.startswith(prefix) else value
+    return ask_about_image(question_of(value), True) if value.startswith(IMAGE + "\n") else value
 
 
 def question_first_turns(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,9 +57,9 @@ def reasoned_mcq_answer(record: dict[str, Any], style: str = "short") -> str:
     letter is a copy from where that token stands in the options."""
     letter = record["answer"]
     colour = record["options"]["ABCD".index(letter)]
-    if style == "sentence":
+    if style == "sentence":  # what `shapes_data.mcq_answer: reasoned` writes
         shape = record["conversations"][0]["value"].split("What colour is the ", 1)[1].split("?", 1)[0]
-        return f"The {shape} is {colour}, so {letter}."
+        return mcq_answer_text(shape, colour, letter, "reasoned")
     return f"{colour.capitalize()}, so {letter}."
 
 
@@ -88,12 +90,11 @@ def evaluate(
     from orion_mllm.eval import shapes_und_edit
     from orion_mllm.eval.model_eval import answer_many, read_jsonl
     from orion_mllm.inference.pipeline import OrionPipeline
+    from orion_mllm.workflow.evaluate import SHAPES_IMAGE_SEPARATOR
 
     records = read_jsonl(data / "und.jsonl")[:n]
-    questions = list(shapes_und_edit.understanding_questions(records))
-    if order == "first":
-        questions = [{**q, "turns": question_first_turns(q["turns"])} for q in questions]
-    pipe = OrionPipeline.load(model)
+    questions = list(shapes_und_edit.understanding_questions(records, question_first=order == "first"))
+    pipe = OrionPipeline.load(model, image_separator=SHAPES_IMAGE_SEPARATOR)  # as orion eval shapes-und
     answers = answer_many(pipe, [(data / q["image"], q["turns"]) for q in questions], desc="shapes-und")
     judged = [(q, shapes_und_edit.answer_is_right(q, a)) for q, a in zip(questions, answers, strict=True)]
     if show:

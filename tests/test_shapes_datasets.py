@@ -420,11 +420,11 @@ def test_each_file_depends_only_on_its_recorded_settings(dataset, tmp_path):
     from orion_mllm.data.shapes.datasets import FILE_SETTINGS, SETTINGS
 
     base = {"size": 64, "seed": 3, "gen_layout": "canonical", "holdout": "captions", "caption_order": "scene",
-            "add_layout": "canonical", **SMALL}  # fmt: skip
+            "add_layout": "canonical", "question_first": False, "mcq_answer": "letter", **SMALL}  # fmt: skip
     assert set(base) == set(SETTINGS)
     other = {"size": 48, "seed": 4, "gen_layout": "random", "holdout": "pairs", "caption_order": "split",
-             "add_layout": "random", "n_und": 61, "n_gen": 61, "n_edit": 26, "n_interleaved": 11,
-             "n_heldout": 11}  # fmt: skip
+             "add_layout": "random", "question_first": True, "mcq_answer": "reasoned", "n_und": 61,
+             "n_gen": 61, "n_edit": 26, "n_interleaved": 11, "n_heldout": 11}  # fmt: skip
 
     def contents(root: Path, name: str) -> list[tuple[str, list[str]]]:
         out = []
@@ -442,5 +442,49 @@ def test_each_file_depends_only_on_its_recorded_settings(dataset, tmp_path):
                 assert contents(changed, name) == contents(dataset, name), (name, setting)
     # And each listed dependency is real for the file that names a layout or order.
     assert contents(tmp_path / "caption_order", "und.jsonl") != contents(dataset, "und.jsonl")
+    assert contents(tmp_path / "question_first", "und.jsonl") != contents(dataset, "und.jsonl")
+    assert contents(tmp_path / "mcq_answer", "und.jsonl") != contents(dataset, "und.jsonl")
     assert contents(tmp_path / "add_layout", "edit.jsonl") != contents(dataset, "edit.jsonl")
     assert contents(tmp_path / "gen_layout", "gen.jsonl") != contents(dataset, "gen.jsonl")
+
+
+def test_question_first_and_reasoned_answers_change_only_the_wording(dataset, tmp_path):
+    """``question_first`` moves the picture after the first question, ``mcq_answer="reasoned"`` answers
+    multiple choice "The star is red, so B."; every record is otherwise the one the defaults write (no
+    random draw moves), the letter is still what ``mcq_letter`` reads, and meta.json records both."""
+    from orion_mllm.data.shapes.datasets import recorded_settings
+    from orion_mllm.eval.shapes_und_edit import mcq_letter
+
+    meta = write_shapes_dataset(
+        tmp_path / "q", size=64, seed=3, progress=False, question_first=True, mcq_answer="reasoned", **SMALL
+    )
+    settings = recorded_settings(meta)
+    assert settings["question_first"] is True and settings["mcq_answer"] == "reasoned"
+    mine, plain = records(tmp_path / "q" / "und.jsonl"), records(dataset / "und.jsonl")
+    kinds = set()
+    for new, old in zip(mine, plain, strict=True):
+        first_new, first_old = new["conversations"][0]["value"], old["conversations"][0]["value"]
+        assert first_old.startswith("<image>\n")
+        assert first_new == first_old.removeprefix("<image>\n") + "\n<image>"
+        assert new["conversations"][1:] == old["conversations"][1:] or new["qtype"] == "mcq"
+        if new["qtype"] == "mcq":
+            colour = new["options"]["ABCD".index(new["answer"])]
+            answer = new["conversations"][1]["value"]
+            assert answer.endswith(f" is {colour}, so {new['answer']}.")
+            assert mcq_letter(answer) == new["answer"]
+        assert {k: v for k, v in new.items() if k != "conversations"} == {
+            k: v for k, v in old.items() if k != "conversations"
+        }
+        kinds.add(new["qtype"])
+    assert {"mcq", "caption", "dialogue"} <= kinds
+    # A folder from before the settings existed reads as picture first, letter answers.
+    legacy = {k: v for k, v in meta["settings"].items() if k not in ("question_first", "mcq_answer")}
+    assert recorded_settings({**meta, "settings": legacy})["question_first"] is False
+    with pytest.raises(ValueError, match="mcq_answer='words'"):
+        write_shapes_dataset(tmp_path / "bad", size=64, seed=3, progress=False, mcq_answer="words", **SMALL)
+
+
+def test_mcq_answer_names_agree_in_generator_recipe_and_cli():
+    from orion_mllm.data.shapes.datasets import MCQ_ANSWERS
+
+    _names_agree("mcq_answer", MCQ_ANSWERS, "letter", "letter")

@@ -38,6 +38,8 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         caption_order=args.caption_order,
         add_layout=args.add_layout,
+        question_first=args.question_first,
+        mcq_answer=args.mcq_answer,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     print(json.dumps(meta["counts"]))
@@ -83,5 +85,14 @@ def add_data(sub: argparse._SubParsersAction) -> None:
         "--add-layout", default="canonical", choices=["canonical", "random"],
         help="where 'add' edits put the new object: small, on the first free fixed slot (default: the "
         "target is a function of the source and the words) or anywhere at random (folders before it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--question-first", action="store_true",
+        help="understanding records ask their first question before the picture ('Q\\n<image>'; default: "
+        "LLaVA's '<image>\\nQ')",
+    )  # fmt: skip
+    p.add_argument(
+        "--mcq-answer", default="letter", choices=["letter", "reasoned"],
+        help="multiple-choice answers: the option's letter (default) or 'The star is red, so B.'",
     )  # fmt: skip
     p.set_defaults(func=_cmd_data_shapes)

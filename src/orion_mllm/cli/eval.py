@@ -116,6 +116,7 @@ def _cmd_eval_lmms(args: argparse.Namespace) -> int:
         root = Path(args.data or f"data/shapes-eval-{size}").resolve()
         eval_set(root, size=size, n_und=max(args.n, 200), n_edit=200)
         os.environ["ORION_SHAPES_DATA"], os.environ["ORION_SHAPES_N"] = str(root), str(args.n)
+        os.environ["ORION_SHAPES_QUESTION_FIRST"] = "1" if args.question_first else "0"
     model_args = f"pretrained={model}"
     if args.decoder:
         model_args += f",decoder={Path(args.decoder).resolve()}"
@@ -189,7 +190,9 @@ def _cmd_eval_shapes_und(args: argparse.Namespace) -> int:
 
     pipe = _eval_pipeline(args)
     records, root = _eval_records(args, pipe, "und")
-    scores = eval_understanding(pipe, records, root, batch_size=args.batch_size)
+    scores = eval_understanding(
+        pipe, records, root, batch_size=args.batch_size, question_first=args.question_first
+    )
     for k, v in scores.items():
         print(f"  {k:14s} {v:.4f}" if k != "questions" else f"  {k:14s} {v}")
     print(json.dumps(scores))
@@ -250,6 +253,14 @@ def eval_model_options(p: argparse.ArgumentParser, n: int) -> None:
     )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
+
+
+def question_first_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--question-first", action="store_true",
+        help="put the picture after the first question, as a model trained on shapes_data.question_first "
+        "data (the tiny recipes) was trained; default: before it, LLaVA's order",
+    )  # fmt: skip
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -324,6 +335,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--n", type=int, default=1000, help="shapes_und: records to evaluate (default: 1000)")
     p.add_argument("--size", type=int, default=None, help="shapes_und: image side (default: the model's)")
+    question_first_option(p)
     p.add_argument("harness_args", nargs=argparse.REMAINDER, help="-- then options passed to lmms-eval")
     p.set_defaults(func=_cmd_eval_lmms)
     p = eval_sub.add_parser("shapes-score", help="score a GenEval-layout folder of images")
@@ -335,6 +347,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "shapes-und", help="understanding accuracy of a model (circular MCQ, short answers)"
     )
     eval_model_options(p, 1000)  # the quickstart's size (workflow.evaluate.EvalSizes.und)
+    question_first_option(p)
     p.set_defaults(func=_cmd_eval_shapes_und)
     p = eval_sub.add_parser("shapes-edit", help="editing accuracy of a model (recolour/add/remove/move/swap)")
     eval_model_options(p, 200)

@@ -90,14 +90,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def session_from_turns(image: Image.Image, turns: Sequence[dict[str, str]]) -> ChatSession:
     """A chat session from LLaVA-form turns whose first human turn holds ``<image>``: at its start
     (``<image>\nQ``, as ShapesWorld writes) or anywhere else (``Q\n<image>``: the text before it is
-    kept as written, so the prompt reads as the record does)."""
+    kept as written, and nothing follows the picture, so the prompt reads as training read the record;
+    the pipeline's ``image_separator`` restores the newline of a text after the picture)."""
     session = ChatSession()
     for k, turn in enumerate(turns):
         role = "user" if turn["from"] == "human" else "assistant"
         text = turn["value"]
         if k == 0 and IMAGE_PLACEHOLDER in text:
             before, after = text.split(IMAGE_PLACEHOLDER, 1)
-            session.add(role, [*([before] if before else []), UserImage(image), after.lstrip("\n")])
+            after = after.lstrip("\n")
+            session.add(role, [*([before] if before else []), UserImage(image), *([after] if after else [])])
         else:
             session.add(role, [text])
     return session
@@ -133,18 +135,19 @@ def answer_many(
 
 def eval_understanding(
     pipe: OrionPipeline, records: Sequence[dict[str, Any]], root: str | Path, *, batch_size: int = 32,
-    progress: bool = True,
+    progress: bool = True, question_first: bool = False,
 ) -> dict[str, float]:  # fmt: skip
-    """``shapes-und`` accuracy per question type and ``overall`` (see ``score_understanding``)."""
+    """``shapes-und`` accuracy per question type and ``overall`` (see ``score_understanding``), with
+    ``question_first``: the picture after the first question, for a model trained so."""
     asked: list[tuple[Path, list[dict[str, str]]]] = []
 
     def record_question(image: Path, turns: list[dict[str, str]]) -> str:
         asked.append((image, [dict(t) for t in turns]))
         return ""
 
-    score_understanding(records, root, record_question)  # pass 1: the questions, in order
+    score_understanding(records, root, record_question, question_first)  # pass 1: the questions, in order
     answers = iter(answer_many(pipe, asked, batch_size=batch_size, progress=progress, desc="shapes-und"))
-    return score_understanding(records, root, lambda image, turns: next(answers))
+    return score_understanding(records, root, lambda image, turns: next(answers), question_first)
 
 
 def regress_tokens(

@@ -10,7 +10,8 @@ scored the same way:
   every rotation is answered with the letter of the correct option. Short answers are compared
   after normalisation (case, punctuation, leading article). Captions are right when their first
   sentence names exactly the scene's colour-shape pairs (with multiplicity). Dialogue turns are
-  asked with the gold history.
+  asked with the gold history. The picture comes before the first question (LLaVA's order, as
+  ShapesWorld writes by default) or, for a model trained with ``question_first``, after it.
 - editing: ``edit(source_image_path, instruction) -> PIL image``. Right when the output's detected
   objects are exactly the target scene's (colour, shape) multiset and every object that the
   instruction does not let move sits within ``position_tolerance`` of its target centre (an added
@@ -27,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from orion_mllm.data.shapes.datasets import format_mcq
+from orion_mllm.data.shapes.datasets import ask_about_image, format_mcq, question_of
 from orion_mllm.data.shapes.scorer import Detection, detect_objects
 from orion_mllm.data.shapes.world import COLOURS, SHAPES, Scene
 
@@ -67,24 +68,29 @@ def caption_pairs(text: str) -> Counter:
     return pairs
 
 
-def understanding_questions(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def understanding_questions(
+    records: Iterable[dict[str, Any]], question_first: bool = False
+) -> Iterator[dict[str, Any]]:
     """Every question ``shapes-und`` asks, in order, as plain data (what the lmms-eval task's documents
     hold too): ``qtype``; ``group`` (the questions that count as one: a multiple-choice record's
     rotations, which are right only together); ``image`` (the record's path, relative to its folder);
-    ``turns`` (LLaVA-form, ending with the question; earlier answers gold); and what a right answer
-    is: ``gold`` (the option letter for ``mcq``, the answer for short answers) or, for a caption,
-    ``scene``."""
+    ``turns`` (LLaVA-form, ending with the question; earlier answers gold; the picture before the first
+    question, or after it with ``question_first``, whichever order the records were written in); and
+    what a right answer is: ``gold`` (the option letter for ``mcq``, the answer for short answers) or,
+    for a caption, ``scene``."""
     for record in records:
-        image, turns = record["image"], record["conversations"]
+        image, turns = record["image"], [dict(t) for t in record["conversations"]]
+        turns[0]["value"] = ask_about_image(question_of(turns[0]["value"]), question_first)
         if record["qtype"] == "mcq":
-            question = turns[0]["value"].removeprefix("<image>\n").split("\nA. ")[0]
+            question = question_of(turns[0]["value"]).split("\nA. ")[0]
             options = list(record["options"])
             gold = options["ABCD".index(record["answer"])]
             for shift in range(len(options)):
                 rotated = options[shift:] + options[:shift]
                 yield {
                     "qtype": "mcq", "group": f"{record['id']}/mcq", "image": image,
-                    "turns": [{"from": "human", "value": "<image>\n" + format_mcq(question, rotated)}],
+                    "turns": [{"from": "human", "value": ask_about_image(format_mcq(question, rotated),
+                                                                         question_first)}],
                     "gold": "ABCD"[rotated.index(gold)], "scene": None,
                 }  # fmt: skip
             continue
@@ -127,13 +133,14 @@ def accuracy_by_qtype(judged: Iterable[tuple[dict[str, Any], bool]]) -> dict[str
 
 
 def score_understanding(
-    records: Iterable[dict[str, Any]], root: str | Path, answer: AnswerFn
+    records: Iterable[dict[str, Any]], root: str | Path, answer: AnswerFn, question_first: bool = False
 ) -> dict[str, float]:
-    """Accuracy per question type (``mcq`` circular, short answers, captions), ``overall`` = mean of types."""
+    """Accuracy per question type (``mcq`` circular, short answers, captions), ``overall`` = mean of types;
+    ``question_first``: the picture after the first question (:func:`understanding_questions`)."""
     root = Path(root)
     return accuracy_by_qtype(
         (q, answer_is_right(q, answer(root / q["image"], q["turns"])))
-        for q in understanding_questions(records)
+        for q in understanding_questions(records, question_first)
     )
 
 

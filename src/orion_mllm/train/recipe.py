@@ -184,6 +184,15 @@ class ShapesDataSection(_Strict):
         "free fixed slot (a function of the source, orion_mllm.data.shapes.datasets.canonical_addition), or "
         "anywhere at random",
     )  # fmt: skip
+    question_first: bool = Field(
+        False, description="und.jsonl asks its first question before the picture ('Q\\n<image>'), so every "
+        "visual token can attend to it; false: LLaVA's '<image>\\nQ'. Evaluations ask a model trained so "
+        "the same way (orion eval shapes-und --question-first)",
+    )  # fmt: skip
+    mcq_answer: Literal["letter", "reasoned"] = Field(
+        "letter", description="und.jsonl's multiple-choice answers: the option's letter, or 'The star is "
+        "red, so B.' (the colour, then the letter copied from the option naming it)",
+    )  # fmt: skip
 
 
 class CheckpointSection(_Strict):

@@ -338,6 +338,8 @@ def ensure_shapes_data(recipe: Recipe, *, progress: bool = True) -> Path | None:
         holdout=s.holdout,
         caption_order=s.caption_order,
         add_layout=s.add_layout,
+        question_first=s.question_first,
+        mcq_answer=s.mcq_answer,
         progress=progress,
     )
     if root.exists():

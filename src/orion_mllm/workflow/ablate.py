@@ -176,6 +176,7 @@ class Ablation:
             sizes=self.sizes, parts=EVAL_PARTS,
             base_dir=self.base.run_dir("stage0_base") / "final", progress=self.progress,
             train_gen=self.base.train_data / "gen.jsonl",
+            question_first=self.base.question_first("stage3_sft"),
         )  # fmt: skip
 
     def run(self) -> dict[str, Any]:
@@ -197,10 +198,11 @@ class Ablation:
         """The evaluations of the runs that have finished so far, per configuration (``--report-only``:
         a table of a long ablation before all of it has run)."""
         results: dict[str, list[dict[str, Any]]] = {}
+        question_first = self.base.question_first("stage3_sft")
         for cfg in self.configs:
             for seed in range(self.seeds):
                 ev = self.out / cfg.name / f"seed{seed}" / "eval"
-                if ev.is_dir() and not stale_parts(ev, EVAL_PARTS, self.sizes):
+                if ev.is_dir() and not stale_parts(ev, EVAL_PARTS, self.sizes, question_first):
                     runs = results.setdefault(cfg.name, [])
                     runs.append({p: json.loads((ev / f"{p}.json").read_text()) for p in EVAL_PARTS})
         return results
@@ -217,6 +219,7 @@ class Ablation:
         base_und = evaluate_model(
             self.base.run_dir("stage0_base") / "final", folder, data_root=self.base.eval_data,
             image_size=self.base.image_size, sizes=self.sizes, parts=("und",), progress=self.progress,
+            question_first=self.base.question_first("stage0_base"),
         )["und"]["overall"]  # fmt: skip
         table = summarise([c for c in self.configs if results.get(c.name)], results, base_und)
         (self.out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -70,11 +70,22 @@ PART_SIZES = {"und": "und", "gen": "gen_per_category", "edit": "edit", "interlea
 SIZES_FILE = "eval_sizes.json"
 
 
-def stale_parts(out: Path, parts: tuple[str, ...], sizes: EvalSizes) -> list[str]:
-    """Parts with no result in ``out``, or one computed at another size than ``sizes`` asks for."""
+def stale_parts(
+    out: Path, parts: tuple[str, ...], sizes: EvalSizes, question_first: bool = False
+) -> list[str]:
+    """Parts with no result in ``out``, or one computed at another size than ``sizes`` asks for (or, for
+    ``und``, with the picture on the other side of the question: results from before the setting
+    existed put it first)."""
     recorded = _cached(out / SIZES_FILE) or {}
     want = {p: getattr(sizes, PART_SIZES[p]) for p in parts}
-    return [p for p in parts if not (out / f"{p}.json").is_file() or recorded.get(p) != want[p]]
+
+    def stale(part: str) -> bool:
+        result = _cached(out / f"{part}.json")
+        if result is None or recorded.get(part) != want[part]:
+            return True
+        return part == "und" and bool(result.get("question_first", False)) != question_first
+
+    return [p for p in parts if stale(p)]
 
 
 def evaluation_data(root: str | Path, size: int, sizes: EvalSizes, *, progress: bool = True) -> Path:
@@ -100,8 +111,12 @@ def evaluate_model(
     progress: bool = True,
     batch_size: int = 32,
     train_gen: str | Path | None = None,
+    question_first: bool = False,
 ) -> dict[str, Any]:
     """Run ``parts`` on ``model_dir``; results in ``out/<part>.json`` (and images under ``out``).
+
+    ``question_first``: ``und`` asks with the picture after the first question, as a model trained on
+    ``shapes_data.question_first`` data was (recorded in ``und.json``).
 
     ``train_gen``: the model's generation training file; ``gen`` then also scores the prompts whose
     caption never occurs in it (``unseen_scores``).
@@ -114,7 +129,7 @@ def evaluate_model(
     unknown = set(parts) - set(ALL_PARTS)
     if unknown:
         raise ValueError(f"unknown evaluation part(s) {sorted(unknown)}: choose from {list(ALL_PARTS)}")
-    todo = stale_parts(out, parts, sizes)
+    todo = stale_parts(out, parts, sizes, question_first)
     if todo:
         pipe = OrionPipeline.load(
             model_dir, image_separator=SHAPES_IMAGE_SEPARATOR, device="cpu", dtype="fp32"
@@ -122,7 +137,9 @@ def evaluate_model(
         root = evaluation_data(data_root, image_size, sizes, progress=progress)
         recorded = _cached(out / SIZES_FILE) or {}
         for part in todo:
-            result = _run_part(part, pipe, root, out, sizes, base_dir, progress, batch_size, train_gen)
+            result = _run_part(
+                part, pipe, root, out, sizes, base_dir, progress, batch_size, train_gen, question_first
+            )
             _write_json(out / f"{part}.json", result)
             recorded[part] = getattr(sizes, PART_SIZES[part])
             _write_json(out / SIZES_FILE, recorded)
@@ -131,11 +148,14 @@ def evaluate_model(
 
 def _run_part(
     part: str, pipe: OrionPipeline, root: Path, out: Path, sizes: EvalSizes, base_dir, progress: bool,
-    batch_size: int, train_gen: str | Path | None = None,
+    batch_size: int, train_gen: str | Path | None = None, question_first: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     if part == "und":
         records = read_jsonl(root / "und.jsonl")[: sizes.und]
-        return eval_understanding(pipe, records, root, batch_size=batch_size, progress=progress)
+        scores = eval_understanding(
+            pipe, records, root, batch_size=batch_size, progress=progress, question_first=question_first
+        )
+        return {**scores, "question_first": question_first}
     if part in ("gen", "edit") and pipe.decoder is None:
         raise ValueError(f"{part} evaluation needs a decoder in the model directory's decoder/ folder")
     if part == "gen":

@@ -215,12 +215,14 @@ class Quickstart:
             evaluate_model(
                 self.run_dir("stage0_base") / "final", self.out / "eval" / "base", data_root=self.eval_data,
                 image_size=self.image_size, sizes=self.sizes, parts=("und",), progress=self.progress,
+                question_first=self.question_first("stage0_base"),
             )  # fmt: skip
         elif name == "eval_final":
             evaluate_model(
                 self.out / MODEL_DIR, self.out / "eval" / "final", data_root=self.eval_data,
                 image_size=self.image_size, sizes=self.sizes, base_dir=self.run_dir("stage0_base") / "final",
                 progress=self.progress, train_gen=self.train_data / "gen.jsonl",
+                question_first=self.question_first("stage3_sft"),
             )  # fmt: skip
         elif name == "report":
             from orion_mllm.workflow.report import write_report
@@ -271,6 +273,12 @@ class Quickstart:
         if recipe.shapes_data is None:
             raise ValueError(f"{recipe_path(self.preset, 'stage0_base')}: no shapes_data section")
         return recipe.shapes_data.size
+
+    def question_first(self, stage: str) -> bool:
+        """Whether ``stage``'s understanding data asked before the picture (``shapes_data.question_first``):
+        a model it trained is evaluated asking the same way."""
+        recipe = load_recipe(recipe_path(self.preset, stage))
+        return recipe.shapes_data is not None and recipe.shapes_data.question_first
 
     def assemble_model(self) -> Path:
         """OUT/model = stage 3's export + the decoder in ``decoder/``."""

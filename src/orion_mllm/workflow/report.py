@@ -203,7 +203,8 @@ def write_report(qs: Quickstart) -> dict[str, Any]:
         if qs.max_steps or qs.eval_limit
         else ""
     )
-    und_types = [k for k in sorted(final_und) if k not in ("overall", "questions")]
+    und_types = [k for k in sorted(final_und) if k not in ("overall", "questions", "question_first")]
+    asked = "question, then picture" if final_und.get("question_first") else "picture, then question"
     edit_ops = [k for k in sorted(edit_json) if k not in ("overall", "edits")]
     lines = [
         f"# ORION quickstart report ({qs.preset})",
@@ -217,7 +218,8 @@ def write_report(qs: Quickstart) -> dict[str, Any]:
         "",
         "| benchmark | base (stage 0) | final (stage 3) |",
         "| --- | --- | --- |",
-        f"| shapes-und overall ({final_und['questions']} questions) | {_pct(base_und['overall'])} | "
+        f"| shapes-und overall ({final_und['questions']} questions; {asked}, as trained) | "
+        f"{_pct(base_und['overall'])} | "
         f"{_pct(final_und['overall'])} |",
         *(f"| &nbsp; und {k} | {_pct(base_und.get(k))} | {_pct(final_und.get(k))} |" for k in und_types),
         f"| shapes-gen overall ({gen['samples']} prompts, token guidance "

@@ -75,6 +75,15 @@ CAPTION_ORDERS = ("scene", "shape", "colour", "split")
 SHAPES_REQUEST = "Describe the shapes you see."  # the caption request "split" answers in shape order
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", SHAPES_REQUEST)
 CAPTION_HOLDOUT_MODULUS = 5  # about one caption in five is held out (``is_held_out_caption``)
+# How ``und.jsonl`` puts its first question (``question_first``) and answers multiple choice
+# (``mcq_answer``). In a causal LLM the picture's tokens cannot see a question written after them, so
+# "What colour is the circle?" is answered by one retrieval from the answer position; with the question
+# first every visual token can attend to it (benchmarks/SMALL_SCALE.md, sessions 15-16: drawing and
+# understanding better over two stage-0 runs). A "reasoned" multiple-choice answer names the colour
+# before the letter ("The star is red, so B."), so the letter is a copy from the options next to the
+# colour word just written; ``shapes_und_edit.mcq_letter`` still reads the letter.
+MCQ_ANSWERS = ("letter", "reasoned")
+IMAGE_TAG = "<image>"
 
 
 def is_held_out_caption(caption: str) -> bool:
@@ -306,14 +315,36 @@ def multiple_choice(rng: random.Random, scene: Scene, holdout: Holdout) -> tuple
     return f"What colour is the {o.shape}?", options, "ABCD"[options.index(o.colour)]
 
 
+def ask_about_image(question: str, question_first: bool = False) -> str:
+    """A first human turn about the record's picture: ``<image>\nQ`` (LLaVA's order, the default) or,
+    with ``question_first``, ``Q\n<image>``."""
+    return f"{question}\n{IMAGE_TAG}" if question_first else f"{IMAGE_TAG}\n{question}"
+
+
+def question_of(turn: str) -> str:
+    """The text of a first human turn without its picture, in either order (:func:`ask_about_image`)."""
+    return turn.removeprefix(f"{IMAGE_TAG}\n").removesuffix(f"\n{IMAGE_TAG}")
+
+
+def mcq_answer_text(shape: str, colour: str, letter: str, style: str = "letter") -> str:
+    """The assistant's answer to a multiple-choice colour question (``MCQ_ANSWERS``): the letter alone,
+    or ``reasoned``: "The star is red, so B." (the colour word is the very token the options hold)."""
+    if style == "reasoned":
+        return f"The {shape} is {colour}, so {letter}."
+    if style != "letter":
+        raise ValueError(f"mcq_answer={style!r}: choose {' or '.join(map(repr, MCQ_ANSWERS))}")
+    return letter
+
+
 def format_mcq(question: str, options: list[str]) -> str:
     lines = [question, *(f"{letter}. {opt}" for letter, opt in zip("ABCD", options, strict=True)), MCQ_SUFFIX]
     return "\n".join(lines)
 
 
 def understanding_record(
-    rng: random.Random, scene: Scene, image: str, index: int, holdout: Holdout, caption_order: str = "scene"
-) -> dict[str, Any]:
+    rng: random.Random, scene: Scene, image: str, index: int, holdout: Holdout, caption_order: str = "scene",
+    question_first: bool = False, mcq_answer: str = "letter",
+) -> dict[str, Any]:  # fmt: skip
     kind = rng.choice(("caption", "mcq", "short", "short", "dialogue"))
     base = {"id": f"und-{index:06d}", "task": "understanding", "image": image, "scene": scene.to_dict()}
     if kind == "caption":
@@ -324,20 +355,22 @@ def understanding_record(
             "qtype": "caption",
             "answer": caption,
             "conversations": [
-                {"from": "human", "value": f"<image>\n{prompt}"},
+                {"from": "human", "value": ask_about_image(prompt, question_first)},
                 {"from": "gpt", "value": caption},
             ],
         }
     if kind == "mcq" and (mcq := multiple_choice(rng, scene, holdout)) is not None:
         question, options, letter = mcq
+        shape = question.removeprefix("What colour is the ").removesuffix("?")
+        answer = mcq_answer_text(shape, options["ABCD".index(letter)], letter, mcq_answer)
         return {
             **base,
             "qtype": "mcq",
             "options": options,
             "answer": letter,
             "conversations": [
-                {"from": "human", "value": f"<image>\n{format_mcq(question, options)}"},
-                {"from": "gpt", "value": letter},
+                {"from": "human", "value": ask_about_image(format_mcq(question, options), question_first)},
+                {"from": "gpt", "value": answer},
             ],
         }
     turns = 1 if kind != "dialogue" else rng.randint(2, 3)
@@ -352,7 +385,7 @@ def understanding_record(
             qtype, qa = "count", short_question(rng, scene, "count", holdout)
         question, answer = qa
         conversations += [
-            {"from": "human", "value": f"<image>\n{question}" if t == 0 else question},
+            {"from": "human", "value": ask_about_image(question, question_first) if t == 0 else question},
             {"from": "gpt", "value": answer},
         ]
         qtypes.append(qtype)
@@ -648,13 +681,13 @@ def _held_out_spec_and_scene(rng: random.Random, category: str) -> tuple[Spec, S
 
 SETTINGS = (
     "size", "n_und", "n_gen", "n_edit", "n_interleaved", "n_heldout", "seed", "gen_layout", "holdout",
-    "caption_order", "add_layout",
+    "caption_order", "add_layout", "question_first", "mcq_answer",
 )  # fmt: skip
 # The settings each file depends on (each file has its own random stream, and "draw_ask" is made from
 # gen.jsonl): a run that reads only some files is the same run whatever the other settings say.
 # tests/test_shapes_datasets.py checks that changing any other setting leaves a file byte for byte.
 FILE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "und.jsonl": ("size", "n_und", "seed", "holdout", "caption_order"),
+    "und.jsonl": ("size", "n_und", "seed", "holdout", "caption_order", "question_first", "mcq_answer"),
     "gen.jsonl": ("size", "n_gen", "seed", "gen_layout", "holdout"),
     "draw_ask.jsonl": ("size", "n_gen", "seed", "gen_layout", "holdout"),
     "edit.jsonl": ("size", "n_edit", "seed", "holdout", "add_layout"),
@@ -676,6 +709,11 @@ _COUNT_KEYS = {"n_und": "und", "n_gen": "gen", "n_edit": "edit", "n_interleaved"
                "n_heldout": "heldout_gen"}  # fmt: skip
 
 
+# What a folder written before a setting existed was written with.
+_DEFAULTS_BEFORE_RECORDED = {"holdout": "pairs", "caption_order": "scene", "add_layout": "random",
+                             "question_first": False, "mcq_answer": "letter"}  # fmt: skip
+
+
 def recorded_settings(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The ``write_shapes_dataset`` arguments a folder's ``meta.json`` was written with, or None.
 
@@ -684,16 +722,17 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any] | None:
     ``gen_layout`` predates canonical layouts and matches no current setting: None. Folders written
     before ``holdout`` existed kept the colour-shape pairs out (``pairs``); before ``caption_order``,
     captions listed objects in the scene's order (``scene``); before ``add_layout``, "add" edits put the
-    new object at random (``random``)."""
+    new object at random (``random``); before ``question_first`` and ``mcq_answer``, the picture came
+    first and multiple choice was answered with the letter."""
     if isinstance(meta.get("settings"), dict):
-        return {"holdout": "pairs", "caption_order": "scene", "add_layout": "random", **meta["settings"]}
+        return {**_DEFAULTS_BEFORE_RECORDED, **meta["settings"]}
     counts = meta.get("counts")
     if not isinstance(counts, dict) or any(k not in meta for k in ("seed", "size", "gen_layout")):
         return None
     if any(c not in counts for c in _COUNT_KEYS.values()):
         return None
     derived = {k: meta[k] for k in ("size", "seed", "gen_layout")}
-    derived |= {"holdout": "pairs", "caption_order": "scene", "add_layout": "random"}
+    derived |= _DEFAULTS_BEFORE_RECORDED
     derived.update({k: counts[c] for k, c in _COUNT_KEYS.items()})
     return {k: derived[k] for k in SETTINGS}
 
@@ -712,6 +751,8 @@ def write_shapes_dataset(
     holdout: str = "captions",
     caption_order: str = "scene",
     add_layout: str = "canonical",
+    question_first: bool = False,
+    mcq_answer: str = "letter",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every ShapesWorld dataset under ``out``; returns (and writes) ``meta.json``.
@@ -721,13 +762,17 @@ def write_shapes_dataset(
     pairs and four-of-a-shape out of every training file and writes ``heldout_gen.jsonl`` from those.
     ``caption_order`` (``CAPTION_ORDERS``): the order ``und.jsonl``'s captions list objects in.
     ``add_layout`` (``ADD_LAYOUTS``): where ``edit.jsonl``'s "add" edits put the new object
-    (:func:`edit_pair`); no other file depends on it."""
+    (:func:`edit_pair`); no other file depends on it. ``question_first`` (``Q\n<image>`` instead of
+    ``<image>\nQ``) and ``mcq_answer`` (``MCQ_ANSWERS``): how ``und.jsonl`` asks and answers; neither
+    draws a random number, so the records are otherwise the same."""
     rule = Holdout.named(holdout)
     check_caption_order(caption_order)  # before anything is written
     if gen_layout not in ("canonical", "random"):
         raise ValueError(f"gen_layout={gen_layout!r}: choose 'canonical' or 'random'")
     if add_layout not in ADD_LAYOUTS:
         raise ValueError(f"add_layout={add_layout!r}: choose {' or '.join(map(repr, ADD_LAYOUTS))}")
+    if mcq_answer not in MCQ_ANSWERS:
+        raise ValueError(f"mcq_answer={mcq_answer!r}: choose {' or '.join(map(repr, MCQ_ANSWERS))}")
     if not 32 <= size <= 512:
         raise ValueError(f"size={size}: ShapesWorld renders 32 to 512 px")
     for name, n in (("n_und", n_und), ("n_gen", n_gen), ("n_edit", n_edit), ("n_interleaved", n_interleaved),
@@ -745,9 +790,8 @@ def write_shapes_dataset(
         rng = random.Random(f"{seed}/und")
         for i in range(n_und):
             scene = _resample(rng, lambda: sample_scene(rng, rng.randint(1, 4)), rule.scene_ok, "scene")
-            yield understanding_record(
-                rng, scene, w.image(scene, f"images/und/{i:06d}.png"), i, rule, caption_order
-            )
+            image = w.image(scene, f"images/und/{i:06d}.png")
+            yield understanding_record(rng, scene, image, i, rule, caption_order, question_first, mcq_answer)
             bar.update()
 
     def gen() -> Iterator[dict[str, Any]]:
@@ -860,7 +904,8 @@ def write_shapes_dataset(
     settings = {
         "size": size, "n_und": n_und, "n_gen": n_gen, "n_edit": n_edit, "n_interleaved": n_interleaved,
         "n_heldout": n_heldout, "seed": seed, "gen_layout": gen_layout, "holdout": holdout,
-        "caption_order": caption_order, "add_layout": add_layout,
+        "caption_order": caption_order, "add_layout": add_layout, "question_first": question_first,
+        "mcq_answer": mcq_answer,
     }  # fmt: skip
     meta = {
         "world": "ShapesWorld",

@@ -16,15 +16,19 @@ import datasets
 from lmms_eval.api.task import ConfigurableMessagesTask
 from PIL import Image
 
+from orion_mllm.data.shapes.datasets import question_of
 from orion_mllm.eval.shapes_und_edit import accuracy_by_qtype, answer_is_right, understanding_questions
 
-DATA_ENV, N_ENV = "ORION_SHAPES_DATA", "ORION_SHAPES_N"
+DATA_ENV, N_ENV, ORDER_ENV = "ORION_SHAPES_DATA", "ORION_SHAPES_N", "ORION_SHAPES_QUESTION_FIRST"
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def read_documents(root: str | Path, n: int | None = None) -> list[dict[str, Any]]:
-    """One document per question of the first ``n`` records of ``root/und.jsonl``; nested fields as
-    JSON text so every document has one flat schema."""
+def read_documents(
+    root: str | Path, n: int | None = None, question_first: bool = False
+) -> list[dict[str, Any]]:
+    """One document per question of the first ``n`` records of ``root/und.jsonl`` (the picture after the
+    first question with ``question_first``); nested fields as JSON text so every document has one flat
+    schema."""
     root = Path(root)
     und = root / "und.jsonl"
     if not und.is_file():
@@ -43,7 +47,7 @@ def read_documents(root: str | Path, n: int | None = None) -> list[dict[str, Any
     return [
         {"doc_id": k, "qtype": q["qtype"], "group": q["group"], "image": str((root / q["image"]).resolve()),
          "turns": json.dumps(q["turns"]), "gold": q["gold"] or "", "scene": json.dumps(q["scene"])}
-        for k, q in enumerate(understanding_questions(records))
+        for k, q in enumerate(understanding_questions(records, question_first))
     ]  # fmt: skip
 
 
@@ -64,7 +68,10 @@ class ShapesUndTask(ConfigurableMessagesTask):
         n = os.environ.get(N_ENV)
         if n is not None and not (n.isdigit() and int(n) > 0):
             raise ValueError(f"shapes_und: {N_ENV}={n!r}: expected a positive number of records")
-        docs = read_documents(root, int(n) if n else None)
+        order = os.environ.get(ORDER_ENV, "0")
+        if order not in ("0", "1"):
+            raise ValueError(f"shapes_und: {ORDER_ENV}={order!r}: expected 0 (picture first) or 1")
+        docs = read_documents(root, int(n) if n else None, question_first=order == "1")
         self.dataset = datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
         self.dataset_no_image = self.dataset
 
@@ -77,23 +84,30 @@ def _question(doc: dict[str, Any]) -> dict[str, Any]:
 def doc_to_messages(
     doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None
 ) -> list[dict[str, Any]]:
-    """The LLaVA-form turns as chat messages: the record's picture first in the first user turn."""
+    """The LLaVA-form turns as chat messages: the record's picture where the first user turn holds it
+    (before the question, or after it for a question-first document)."""
     messages = []
     for k, turn in enumerate(json.loads(doc["turns"])):
         role = "user" if turn["from"] == "human" else "assistant"
         text = turn["value"]
         content: list[dict[str, Any]] = []
-        if k == 0 and text.startswith(IMAGE_PLACEHOLDER):
+        if k == 0 and IMAGE_PLACEHOLDER in text:
+            # As orion_mllm.eval.model_eval.session_from_turns reads the turn (the prompts are compared
+            # in tests/test_lmms.py): text before the picture as written, the newline after it dropped.
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+            after = after.lstrip("\n")
+            content = [{"type": "text", "text": before}] if before else []
             content.append({"type": "image", "url": Image.open(doc["image"]).convert("RGB")})
-            text = text.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")
-        content.append({"type": "text", "text": text})
+            content += [{"type": "text", "text": after}] if after else []
+        else:
+            content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})
     return messages
 
 
 def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
     """The last question (what the harness logs as the prompt)."""
-    return json.loads(doc["turns"])[-1]["value"].removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")
+    return question_of(json.loads(doc["turns"])[-1]["value"])
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
