@@ -24,12 +24,12 @@ if [ ! -f "$inter/interleaved.jsonl" ]; then
 fi
 [ -d "$out/stage3_sft/final" ] || $orion train "$recipe" --output "$out/stage3_sft" \
   model.init="$qs/stage2_pretrain/final" teacher="$qs/stage0_base/final" data_root="$data" "$@"
+source "$(dirname "$0")/rerun_common.sh"
 model=$out/model
-if [ ! -d "$model/decoder" ]; then
-  rm -rf "$model"; cp -r "$out/stage3_sft/final" "$model"; cp -r "$qs/model/decoder" "$model/decoder"
-fi
+assemble_model "$model" "$out/stage3_sft/final" "$qs/model/decoder"
+order=$(question_first_flag "$data")  # ask as the model was trained
 $orion eval shapes-gen --model "$model" --out "$out/eval/gen" --train-gen "$data/gen.jsonl" 2>/dev/null | tail -n 1 > "$out/gen.json"
-$orion eval shapes-und --model "$model" --data "$qs/data/eval" --n 1000 2>/dev/null | tail -n 1 > "$out/und.json"
+$orion eval shapes-und --model "$model" --data "$qs/data/eval" --n 1000 $order 2>/dev/null | tail -n 1 > "$out/und.json"
 $orion eval shapes-edit --model "$model" --data "$qs/data/eval" 2>/dev/null | tail -n 1 > "$out/edit.json"
 $py benchmarks/interleaved_answers.py --model "$model" --data "$inter" --n 300 2>/dev/null | tail -n 1 > "$out/inter.json"
 cat "$out/gen.json" "$out/und.json" "$out/edit.json" "$out/inter.json"

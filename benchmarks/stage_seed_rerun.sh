@@ -20,10 +20,10 @@ for stage in stage1_warmup stage2_pretrain stage3_sft; do
   $orion train recipes/shapes/tiny/$stage.yaml --output "$out/$stage" data_root="$data" train.seed="$seed" \
     ${HOLDOUT:+shapes_data.holdout=$HOLDOUT} "${late[@]}"
 done
+source "$(dirname "$0")/rerun_common.sh"
 model=$out/model
-if [ ! -d "$model/decoder" ]; then
-  rm -rf "$model"; cp -r "$out/stage3_sft/final" "$model"; cp -r "$qs/model/decoder" "$model/decoder"
-fi
+assemble_model "$model" "$out/stage3_sft/final" "$qs/model/decoder"
+order=$(question_first_flag "$data")  # ask as the model was trained
 $orion eval shapes-gen --model "$model" --out "$out/eval/gen" --train-gen "$data/gen.jsonl" 2>/dev/null | tail -n 1 > "$out/gen.json"
-$orion eval shapes-und --model "$model" --data "$qs/data/eval" --size 64 2>/dev/null | tail -n 1 > "$out/und.json"
+$orion eval shapes-und --model "$model" --data "$qs/data/eval" --size 64 $order 2>/dev/null | tail -n 1 > "$out/und.json"
 cat "$out/gen.json" "$out/und.json"
