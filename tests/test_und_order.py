@@ -109,3 +109,52 @@ def test_shapes_und_command_asks_question_first(micro_dir, tmp_path, capsys, mon
     asked.clear()
     assert main([*argv, "--size", "48"]) == 0
     assert asked and all(v.startswith("<image>\n") for v in asked)
+
+
+def test_an_exported_model_records_the_order_and_asks_that_way(tmp_path, monkeypatch):
+    """A stage trained on ``question_first`` data exports ``OrionConfig.question_first``; the pipeline's
+    ``ask`` then puts the question first, as the records did (the same prompt tokens as
+    ``shapes-und``'s), and ``orion eval shapes-und`` asks so without the flag."""
+    from orion_mllm.train.trainer import Trainer
+    from train_utils import micro_recipe
+
+    settings = {"size": 48, "n_und": 40, "n_gen": 40, "n_edit": 0, "n_interleaved": 0, "n_heldout": 0,
+                "holdout": "captions", "add_layout": "canonical", "question_first": True,
+                "mcq_answer": "reasoned"}  # fmt: skip
+    root = tmp_path / "data"
+    write_shapes_dataset(root, progress=False, **settings)
+    base = tmp_path / "base"
+    OrionModel.from_preset("micro", seed=3).save_pretrained(base)
+    shapes = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
+    recipe = micro_recipe(
+        "stage1_warmup.yaml", root, f"model.init={base}", "max_steps=2", f"shapes_data={{{shapes}}}"
+    )
+    final = Trainer(recipe, tmp_path / "warm", tensorboard=False).run().final_model
+    pipe = OrionPipeline.load(final, image_separator="\n")
+    assert pipe.question_first and not OrionPipeline.load(base).question_first
+
+    sessions = []
+    monkeypatch.setattr(pipe, "reply", lambda session, sampling: sessions.append(session) or type(
+        "Reply", (), {"text": "red"})())  # fmt: skip
+    image = Image.open(root / _records(root)[0]["image"]).convert("RGB")
+    assert pipe.ask([image], "What colour is the star?") == "red"
+    asked = pipe.prompt(sessions[0]).input_ids
+    turns = [{"from": "human", "value": "What colour is the star?\n<image>"}]
+    assert torch.equal(asked, pipe.prompt(session_from_turns(image, turns)).input_ids)
+
+    from orion_mllm.cli import main
+    from orion_mllm.eval import model_eval
+
+    asked_turns: list[str] = []
+
+    def fake_answers(pipe, queries, **kwargs):
+        asked_turns.extend(turns[0]["value"] for _, turns in queries)
+        return ["red"] * len(queries)
+
+    monkeypatch.setattr(model_eval, "answer_many", fake_answers)
+    argv = ["eval", "shapes-und", "--model", str(final), "--data", str(tmp_path / "eval48"), "--n", "6"]
+    assert main(argv) == 0  # the model's recorded order
+    assert asked_turns and all(v.endswith("\n<image>") for v in asked_turns)
+    asked_turns.clear()
+    assert main([*argv, "--no-question-first"]) == 0
+    assert asked_turns and all(v.startswith("<image>\n") for v in asked_turns)

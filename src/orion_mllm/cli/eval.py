@@ -116,7 +116,10 @@ def _cmd_eval_lmms(args: argparse.Namespace) -> int:
         root = Path(args.data or f"data/shapes-eval-{size}").resolve()
         eval_set(root, size=size, n_und=max(args.n, 200), n_edit=200)
         os.environ["ORION_SHAPES_DATA"], os.environ["ORION_SHAPES_N"] = str(root), str(args.n)
-        os.environ["ORION_SHAPES_QUESTION_FIRST"] = "1" if args.question_first else "0"
+        question_first = args.question_first
+        if question_first is None:
+            question_first = _recorded_question_first(model)
+        os.environ["ORION_SHAPES_QUESTION_FIRST"] = "1" if question_first else "0"
     model_args = f"pretrained={model}"
     if args.decoder:
         model_args += f",decoder={Path(args.decoder).resolve()}"
@@ -191,7 +194,7 @@ def _cmd_eval_shapes_und(args: argparse.Namespace) -> int:
     pipe = _eval_pipeline(args)
     records, root = _eval_records(args, pipe, "und")
     scores = eval_understanding(
-        pipe, records, root, batch_size=args.batch_size, question_first=args.question_first
+        pipe, records, root, batch_size=args.batch_size, question_first=_question_first(args, pipe)
     )
     for k, v in scores.items():
         print(f"  {k:14s} {v:.4f}" if k != "questions" else f"  {k:14s} {v}")
@@ -257,10 +260,23 @@ def eval_model_options(p: argparse.ArgumentParser, n: int) -> None:
 
 def question_first_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--question-first", action="store_true",
-        help="put the picture after the first question, as a model trained on shapes_data.question_first "
-        "data (the tiny recipes) was trained; default: before it, LLaVA's order",
+        "--question-first", action=argparse.BooleanOptionalAction, default=None,
+        help="put the picture after the first question (--no-question-first: before it, LLaVA's order); "
+        "default: as the model was trained (an ORION model records it; a plain Qwen2.5-VL base: before; "
+        "a base trained on shapes_data.question_first data, such as the tiny recipes', needs the flag)",
     )  # fmt: skip
+
+
+def _recorded_question_first(model: Path) -> bool:
+    """What an ORION model directory records (``OrionConfig.question_first``); a plain base: False."""
+    from orion_mllm.model.orion import ORION_CONFIG_NAME
+
+    config = model / ORION_CONFIG_NAME
+    return config.is_file() and bool(json.loads(config.read_text()).get("question_first", False))
+
+
+def _question_first(args: argparse.Namespace, pipe) -> bool:
+    return pipe.question_first if args.question_first is None else args.question_first
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:

@@ -211,13 +211,24 @@ class OrionPipeline:
         self, images: list[Image.Image], question: str, sampling: SamplingConfig | None = None, *,
         system: str | None = None,
     ) -> str:  # fmt: skip
-        """Answer a question about images; ``system`` is a system prompt for the chat template."""
+        """Answer a question about images; ``system`` is a system prompt for the chat template. The
+        pictures come before the question, or after it for a model trained so (:attr:`question_first`)."""
         if not question.strip():
             raise ValueError("empty question")
         session = ChatSession(system_prompt=system)
-        session.add("user", [*(UserImage(im) for im in images), question])
+        pictures = [UserImage(im) for im in images]
+        if images and self.question_first:  # as the model's data put it: "Q\n<image>"
+            session.add("user", [f"{question}\n", *pictures])
+        else:
+            session.add("user", [*pictures, question])
         sampling = sampling or SamplingConfig(allow_images=False)
         return self.reply(session, sampling).text
+
+    @property
+    def question_first(self) -> bool:
+        """Whether the model was trained asking before the picture (``OrionConfig.question_first``; a
+        plain Qwen2.5-VL directory: no)."""
+        return self.is_orion and self.model.config.question_first
 
     @property
     def default_guidance(self) -> float:

@@ -75,6 +75,9 @@ class OrionConfig:
     # regresses the edited image's token j, and (gated) to its prediction (model/source_skip.py);
     # off: the paper's model.
     source_skip: bool = False
+    # Understanding questions were trained with the picture after the first question (ShapesWorld's
+    # ``shapes_data.question_first``): ``OrionPipeline.ask`` and ``orion eval shapes-und`` ask that way.
+    question_first: bool = False
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,11 +89,13 @@ class OrionConfig:
             "image_spec": self.image_spec.to_dict(),
             "guidance": self.guidance,
             "source_skip": self.source_skip,
+            "question_first": self.question_first,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = ORION_CONFIG_NAME) -> OrionConfig:
-        known = {"format_version", "preset", "base_model", "head", "image_spec", "guidance", "source_skip"}
+        known = {"format_version", "preset", "base_model", "head", "image_spec", "guidance", "source_skip",
+                 "question_first"}  # fmt: skip
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
@@ -109,6 +114,7 @@ class OrionConfig:
             base_model=data.get("base_model"),
             guidance=float(data.get("guidance", 1.0)),
             source_skip=bool(data.get("source_skip", False)),
+            question_first=bool(data.get("question_first", False)),
             format_version=version,
         )
 

@@ -466,8 +466,14 @@ class Trainer(RunLoop):
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         else:
-            # The token-space guidance the model is used with by default (recipe ``guidance``).
-            model.config = dataclasses.replace(model.config, guidance=self.recipe.guidance)
+            # The token-space guidance the model is used with by default (recipe ``guidance``), and where
+            # its understanding data put the picture (ShapesWorld's ``question_first``; other data: as
+            # the model it started from).
+            shapes = self.recipe.shapes_data
+            question_first = shapes.question_first if shapes is not None else model.config.question_first
+            model.config = dataclasses.replace(
+                model.config, guidance=self.recipe.guidance, question_first=question_first
+            )
             model.save_pretrained(final)
 
 
