@@ -340,3 +340,56 @@ def test_unpacked_batch_defaults(encoded):
     batch = collate(encoded[:2], 0)
     assert isinstance(batch, Batch) and not batch.packed and not batch.to("cpu").packed
     assert batch.num_real_tokens == len(encoded[0]) + len(encoded[1])
+
+
+# ----------------------------------------------------------------------------- per-document attention
+
+
+def test_document_bounds_restart_where_positions_do():
+    from orion_mllm.model.document_attention import document_bounds
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 1]])
+    assert document_bounds(positions) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 7), (7, 9)]]
+
+
+def test_document_attention_computes_what_the_masked_path_computes(encoded, packed_setup, monkeypatch):
+    """``attn_implementation: documents``: each sample of a packed row alone (as the block-diagonal
+    mask gives), the same losses and gradients as sdpa's masked path on packed rows, and a padded
+    (unpacked) batch through the masked path unchanged; the backbone's attention name is switched for
+    the language model only."""
+    _, _, batch, where, _ = packed_setup
+    reference = OrionModel.from_preset("micro", seed=0)
+    documents = OrionModel.from_preset("micro", seed=0, attn_implementation="documents")
+    assert documents.backbone.config.text_config._attn_implementation == "orion_documents"
+    assert documents.backbone.config.vision_config._attn_implementation == "sdpa"
+    from orion_mllm.model import document_attention
+
+    split = []
+    real_bounds = document_attention.document_bounds
+    monkeypatch.setattr(document_attention, "document_bounds", lambda p: split.append(1) or real_bounds(p))
+    with torch.no_grad():
+        hidden, _ = backbone_hidden_states(documents.backbone, batch, batch.visual_tokens)
+        for i, item in enumerate(encoded):
+            row, off = where[i]
+            alone = collate([item], 0)
+            h_alone, _ = backbone_hidden_states(reference.backbone, alone, alone.visual_tokens)
+            diff = (hidden[row, off : off + len(item)] - h_alone[0]).abs().max().item()
+            assert diff < 1e-5, f"sample {i}: per-document hidden states differ by {diff:.2e}"
+    assert len(split) == documents.backbone.config.text_config.num_hidden_layers  # the packed path ran
+    teacher_ref, teacher_doc = make_teacher(reference), make_teacher(documents)
+    weights = LossWeights(1.0, 1.0, 0.01)
+    grads = []
+    for model, teacher in ((reference, teacher_ref), (documents, teacher_doc)):
+        model.zero_grad()
+        out = model(batch, weights, teacher=teacher)
+        step_loss(out.terms, weights).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6), name
+    with torch.no_grad():  # padding: the masked path, the same numbers as sdpa's
+        padded = collate(encoded, 0)
+        a, _ = backbone_hidden_states(reference.backbone, padded, padded.visual_tokens)
+        b, _ = backbone_hidden_states(documents.backbone, padded, padded.visual_tokens)
+        real = padded.attention_mask.bool()
+        assert (a - b)[real].abs().max().item() < 1e-5

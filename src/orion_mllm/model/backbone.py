@@ -28,9 +28,23 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 
 from orion_mllm.config import IMAGE_MEAN, IMAGE_STD, Preset
+from orion_mllm.model.document_attention import RECIPE_NAME as DOCUMENTS
+from orion_mllm.model.document_attention import use_document_attention
 from orion_mllm.model.tokenizer import build_tokenizer
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# "documents": per-document attention for packed rows (model/document_attention.py), the language model
+# only; the backbone is built with sdpa and switched after.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", DOCUMENTS)
+
+
+def _built_with(name: str) -> str:
+    """The transformers implementation a backbone is built or loaded with for ``name``."""
+    return "sdpa" if name == DOCUMENTS else name
+
+
+def _switch(model: Qwen2_5_VLForConditionalGeneration, name: str) -> None:
+    if name == DOCUMENTS:
+        use_document_attention(model)
 
 
 def resolve_attn_implementation(name: str = "sdpa") -> str:
@@ -232,11 +246,12 @@ def build_backbone(
     """Random-init backbone of a preset plus its processor. Deterministic for a given seed."""
     attn_implementation = resolve_attn_implementation(attn_implementation)
     processor = build_processor(preset)
-    config = build_qwen_config(preset, processor.tokenizer, attn_implementation)
+    config = build_qwen_config(preset, processor.tokenizer, _built_with(attn_implementation))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration._from_config(
-        config, attn_implementation=attn_implementation, dtype=dtype
+        config, attn_implementation=_built_with(attn_implementation), dtype=dtype
     )
+    _switch(model, attn_implementation)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model, processor
@@ -252,13 +267,15 @@ def load_backbone(
     config = Qwen2_5_VLConfig.from_pretrained(path)
     if config.model_type != "qwen2_5_vl":
         raise ValueError(f"{path}/config.json: model_type={config.model_type!r}, expected 'qwen2_5_vl'")
+    attn_implementation = resolve_attn_implementation(attn_implementation)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path,
-        attn_implementation=resolve_attn_implementation(attn_implementation),
+        attn_implementation=_built_with(attn_implementation),
         dtype=dtype,
         local_files_only=True,
         use_safetensors=True,
     )
+    _switch(model, attn_implementation)
     return model, load_processor(path)
 
 

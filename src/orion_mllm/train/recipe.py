@@ -51,7 +51,9 @@ class ModelSection(_Strict):
     init: str
     head: Literal["linear", "mlp", "qformer", "layer_mix"] = "mlp"
     mlp_ratio: int = Field(8, ge=1)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # "documents": packed rows attend per document (one causal sdpa call each) instead of through a dense
+    # block-diagonal mask (model/document_attention.py); the language model only.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "documents"] = "sdpa"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     # Stage base from a preset only: standardise the random tower's tokens on this many images of
     # the recipe's data before training (OrionModel.standardize_visual_tokens); 0 = off.
