@@ -65,6 +65,7 @@ def document_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
             **kwargs,
         )  # fmt: skip
+    options = {"dropout_p": dropout, "scale": scaling}
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -73,8 +74,8 @@ def document_attention(
         parts = []
         for s, e in bounds:
             q, k, v = query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-            parts.append(out)
+            # one document: causal within it, nothing across
+            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, **options))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
