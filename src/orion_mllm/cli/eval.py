@@ -193,12 +193,15 @@ def _cmd_eval_shapes_und(args: argparse.Namespace) -> int:
 
     pipe = _eval_pipeline(args)
     records, root = _eval_records(args, pipe, "und")
+    question_first = _question_first(args, pipe)
     scores = eval_understanding(
-        pipe, records, root, batch_size=args.batch_size, question_first=_question_first(args, pipe)
+        pipe, records, root, batch_size=args.batch_size, question_first=question_first
     )
+    print(f"  asked          {'question, then picture' if question_first else 'picture, then question'}")
     for k, v in scores.items():
         print(f"  {k:14s} {v:.4f}" if k != "questions" else f"  {k:14s} {v}")
-    print(json.dumps(scores))
+    # The same keys as the quickstart's und.json.
+    print(json.dumps({**scores, "question_first": question_first}))
     return 0
 
 
