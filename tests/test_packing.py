@@ -242,17 +242,22 @@ def test_packed_equals_each_sample_alone(micro_model, encoded, packed_setup, tea
 
 
 @torch.no_grad()
-def test_packed_equals_alone_with_eager_attention(encoded, packed_setup):
-    """transformers builds the block-diagonal mask per backend; check eager as well as sdpa."""
-    model = OrionModel.from_preset("micro", seed=0, attn_implementation="eager").eval()
+def _assert_packed_equals_alone(packed_model, alone_model, encoded, packed_setup, what: str) -> None:
+    """Each sample's hidden states in ``packed_model``'s packed rows equal ``alone_model``'s on it alone."""
     _, _, batch, where, _ = packed_setup
-    hidden, _ = backbone_hidden_states(model.backbone, batch, batch.visual_tokens)
+    hidden, _ = backbone_hidden_states(packed_model.backbone, batch, batch.visual_tokens)
     for i, item in enumerate(encoded):
         row, off = where[i]
         alone = collate([item], 0)
-        h_alone, _ = backbone_hidden_states(model.backbone, alone, alone.visual_tokens)
+        h_alone, _ = backbone_hidden_states(alone_model.backbone, alone, alone.visual_tokens)
         diff = (hidden[row, off : off + len(item)] - h_alone[0]).abs().max().item()
-        assert diff < 1e-5, f"sample {i}: eager packed hidden states differ by {diff:.2e}"
+        assert diff < 1e-5, f"sample {i}: {what} packed hidden states differ by {diff:.2e}"
+
+
+def test_packed_equals_alone_with_eager_attention(encoded, packed_setup):
+    """transformers builds the block-diagonal mask per backend; check eager as well as sdpa."""
+    model = OrionModel.from_preset("micro", seed=0, attn_implementation="eager").eval()
+    _assert_packed_equals_alone(model, model, encoded, packed_setup, "eager")
 
 
 @torch.no_grad()
@@ -357,7 +362,7 @@ def test_document_attention_computes_what_the_masked_path_computes(encoded, pack
     mask gives), the same losses and gradients as sdpa's masked path on packed rows, and a padded
     (unpacked) batch through the masked path unchanged; the backbone's attention name is switched for
     the language model only."""
-    _, _, batch, where, _ = packed_setup
+    _, _, batch, _, _ = packed_setup
     reference = OrionModel.from_preset("micro", seed=0)
     documents = OrionModel.from_preset("micro", seed=0, attn_implementation="documents")
     assert documents.backbone.config.text_config._attn_implementation == "orion_documents"
@@ -367,15 +372,8 @@ def test_document_attention_computes_what_the_masked_path_computes(encoded, pack
     split = []
     real_bounds = document_attention.document_bounds
     monkeypatch.setattr(document_attention, "document_bounds", lambda p: split.append(1) or real_bounds(p))
-    with torch.no_grad():
-        hidden, _ = backbone_hidden_states(documents.backbone, batch, batch.visual_tokens)
-        for i, item in enumerate(encoded):
-            row, off = where[i]
-            alone = collate([item], 0)
-            h_alone, _ = backbone_hidden_states(reference.backbone, alone, alone.visual_tokens)
-            diff = (hidden[row, off : off + len(item)] - h_alone[0]).abs().max().item()
-            assert diff < 1e-5, f"sample {i}: per-document hidden states differ by {diff:.2e}"
-    assert len(split) == documents.backbone.config.text_config.num_hidden_layers  # the packed path ran
+    _assert_packed_equals_alone(documents, reference, encoded, packed_setup, "per-document")
+    assert len(split) == 1  # the packed path ran, and split the rows once for all layers
     teacher_ref, teacher_doc = make_teacher(reference), make_teacher(documents)
     weights = LossWeights(1.0, 1.0, 0.01)
     grads = []

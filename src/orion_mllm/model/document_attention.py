@@ -28,6 +28,17 @@ RECIPE_NAME = "documents"  # model.attn_implementation in a recipe
 REGISTERED_NAME = "orion_documents"  # the key in transformers' interfaces
 
 
+# The last split: every layer of one forward gets the same position-ids tensor, so it is split once.
+_last_split: tuple[torch.Tensor | None, list[list[tuple[int, int]]]] = (None, [])
+
+
+def _bounds_of(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    global _last_split
+    if _last_split[0] is not position_ids:
+        _last_split = (position_ids, document_bounds(position_ids))
+    return _last_split[1]
+
+
 def document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row of ``position_ids`` [B, S] (the text row), the (start, end) of each document: a document
     starts where a position is not its predecessor's plus one."""
@@ -70,7 +81,7 @@ def document_attention(
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     rows = []
-    for b, bounds in enumerate(document_bounds(position_ids)):
+    for b, bounds in enumerate(_bounds_of(position_ids)):
         parts = []
         for s, e in bounds:
             q, k, v = query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]
